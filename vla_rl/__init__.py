@@ -1,0 +1,1 @@
+"""RL fine-tuning of Vision-Language-Action models as a service system."""

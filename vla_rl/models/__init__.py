@@ -1,0 +1,38 @@
+"""The VLA policy core: OpenVLA / OpenVLA-OFT with a value head, action tokenizer, checkpoints, LoRA.
+
+Does no I/O beyond checkpoint files and imports no service.
+"""
+
+from .action_tokenizer import ActionNormalizer, ActionTokenizer, build_prompt
+from .checkpoint import CheckpointError, load_policy, load_tokenizer, read_config, save_policy
+from .config import VLAConfig, default_norm_stats, tiny_config
+from .openvla import (
+    OpenVLAPolicy,
+    PolicyOutput,
+    PromptBatch,
+    aggregate_logprobs,
+    preprocess_images,
+    sample_action_tokens,
+)
+from .processor import PromptTokenizer
+
+__all__ = [
+    "ActionNormalizer",
+    "ActionTokenizer",
+    "CheckpointError",
+    "OpenVLAPolicy",
+    "PolicyOutput",
+    "PromptBatch",
+    "PromptTokenizer",
+    "VLAConfig",
+    "aggregate_logprobs",
+    "build_prompt",
+    "default_norm_stats",
+    "load_policy",
+    "load_tokenizer",
+    "preprocess_images",
+    "read_config",
+    "sample_action_tokens",
+    "save_policy",
+    "tiny_config",
+]
