@@ -214,3 +214,15 @@ def test_sharded_checkpoint_loads(policy, tiny_ckpt, tmp_path):
         strict=True,
     ):
         assert torch.equal(a, b)
+
+
+def test_image_statistics_come_from_preprocessor_config(tiny_ckpt, tmp_path):
+    model = load_policy(tiny_ckpt)
+    assert model.image_stats[0] == (0.485, 0.456, 0.406)
+    bf16_means = [[0.484375, 0.455078125, 0.40625], [0.5, 0.5, 0.5]]
+    model.image_stats = (tuple(bf16_means[0]), (0.23, 0.22, 0.22), (0.5,) * 3, (0.5,) * 3)
+    save_policy(model, tmp_path / "stats")
+    assert load_policy(tmp_path / "stats").image_stats[0] == tuple(bf16_means[0])
+    (tmp_path / "stats" / "preprocessor_config.json").write_text('{"means": [[1, 2]]}')
+    with pytest.raises(CheckpointError, match="preprocessor_config.json"):
+        load_policy(tmp_path / "stats")

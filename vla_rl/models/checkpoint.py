@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import VLAConfig
+from .config import DINO_MEAN, DINO_STD, SIGLIP_MEAN, SIGLIP_STD, VLAConfig
 from .openvla import OpenVLAPolicy, ValueHead
 
 
@@ -123,7 +123,24 @@ def load_policy(
     model.load_state_dict(state, strict=False, assign=True)
     model.value_head = ValueHead(config.hidden_size, config.value_head_hidden).to(device, dtype)
     _materialize_buffers(model, device)
+    model.image_stats = read_image_stats(path)
     return model.eval()
+
+
+def read_image_stats(path: Path) -> tuple:
+    """Per-tower normalisation from preprocessor_config.json (released OpenVLA checkpoints store
+    `means` / `stds`, one triple per tower); the OpenVLA defaults when the file is absent."""
+    file = path / "preprocessor_config.json"
+    if not file.is_file():
+        return (DINO_MEAN, DINO_STD, SIGLIP_MEAN, SIGLIP_STD)
+    try:
+        raw = json.loads(file.read_text())
+        means, stds = raw["means"], raw["stds"]
+        if len(means) != 2 or len(stds) != 2 or any(len(x) != 3 for x in means + stds):
+            raise ValueError("expected two towers of three channels")
+        return (tuple(means[0]), tuple(stds[0]), tuple(means[1]), tuple(stds[1]))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: cannot read image means/stds ({e})") from e
 
 
 def _materialize_buffers(model: OpenVLAPolicy, device) -> None:
@@ -148,6 +165,20 @@ def save_policy(model: OpenVLAPolicy, path: str | Path, tokenizer=None) -> Path:
         if not n.startswith("value_head.")
     }
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    dm, ds, sm, ss = model.image_stats
+    (path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "PrismaticImageProcessor",
+                "image_resize_strategy": "resize-naive",
+                "input_sizes": [[3, s, s] for s in model.config.image_sizes],
+                "means": [list(dm), list(sm)],
+                "stds": [list(ds), list(ss)],
+                "use_fused_vision_backbone": True,
+            },
+            indent=2,
+        )
+    )
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
     return path

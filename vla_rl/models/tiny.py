@@ -46,10 +46,27 @@ def build_tiny_tokenizer(extra_words: tuple[str, ...] = ()):
     return fast
 
 
-def build_tiny_policy(config: VLAConfig | None = None, seed: int = 0) -> OpenVLAPolicy:
-    """A random tiny policy; weights are scaled so that logits are not degenerate."""
+def build_tiny_policy(
+    config: VLAConfig | None = None, seed: int = 0, ordinal_action_head: bool = True
+) -> OpenVLAPolicy:
+    """A random tiny policy.
+
+    With `ordinal_action_head`, the lm_head rows of the action ids get a shared direction scaled
+    by the bin's position, as a pretrained VLA's action embeddings are ordered (neighbouring bins
+    are similar). Without it every bin is an unrelated random vector, and moving probability mass
+    toward "x < 0" needs each of 128 bins to be sampled and reinforced separately, which no
+    pretrained model has to do.
+    """
     torch.manual_seed(seed)
-    return OpenVLAPolicy(config or tiny_config()).eval()
+    model = OpenVLAPolicy(config or tiny_config()).eval()
+    if ordinal_action_head:
+        cfg = model.config
+        with torch.no_grad():
+            rows = model.language_model.lm_head.weight[cfg.action_vocab_start : cfg.action_vocab_end]
+            direction = torch.randn(rows.shape[1]) / rows.shape[1] ** 0.5
+            position = torch.linspace(1.0, -1.0, rows.shape[0]).unsqueeze(1)  # id order: x high->low
+            rows.mul_(0.5).add_(2.0 * position * direction)
+    return model
 
 
 def write_tiny_checkpoint(path: str | Path, config: VLAConfig | None = None, seed: int = 0) -> Path:
