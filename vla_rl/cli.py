@@ -7,7 +7,7 @@ import sys
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from vla_rl.training.demo import DemoConfig, run_demo
+    from vla_rl.training.demo import DemoConfig, evaluate_greedy, run_demo
 
     cfg = DemoConfig(
         algorithm=args.algorithm,
@@ -21,9 +21,13 @@ def _demo(args: argparse.Namespace) -> int:
         f"{args.model} (random weights, CPU), {cfg.iterations} iterations x {cfg.batch_size}",
         flush=True,
     )
-    history = run_demo(cfg, log=lambda line: print(line, flush=True))
-    first, last = history[0]["env/success_once"], history[-1]["env/success_once"]
-    print(f"success: {first:.2f} -> {last:.2f} after {len(history)} iterations")
+    result = run_demo(cfg, log=lambda line: print(line, flush=True))
+    first = result.history[0]["env/success_once"]
+    greedy = evaluate_greedy(result.policy, result.prompts_of)
+    print(
+        f"sampled success {first:.2f} at the start; greedy success {greedy:.2f} on 256 fresh "
+        f"observations after {len(result.history)} iterations"
+    )
     return 0
 
 

@@ -64,10 +64,24 @@ class ColourBandit:
         )
 
     @staticmethod
-    def success(batch: BanditBatch, normalized_actions: np.ndarray) -> torch.Tensor:
-        """normalized_actions [N, 7] (or [N, C, 7]: the first action counts) -> success [N]."""
+    def _parts(
+        batch: BanditBatch, normalized_actions: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         a = np.asarray(normalized_actions)
-        first = a[:, 0] if a.ndim == 3 else a
-        went_left = torch.from_numpy(first[:, 0] < 0)
-        closed = torch.from_numpy(first[:, GRIPPER_DIM] < 0)
-        return ((went_left == batch.block_left) & (closed == batch.close_gripper)).float()
+        first = a[:, 0] if a.ndim == 3 else a  # [N, C, 7]: the first action of the chunk counts
+        reach_ok = torch.from_numpy(first[:, 0] < 0) == batch.block_left
+        gripper_ok = torch.from_numpy(first[:, GRIPPER_DIM] < 0) == batch.close_gripper
+        return reach_ok, gripper_ok
+
+    @classmethod
+    def success(cls, batch: BanditBatch, normalized_actions: np.ndarray) -> torch.Tensor:
+        """normalized_actions [N, 7] or [N, C, 7] -> success [N] (both parts right)."""
+        reach_ok, gripper_ok = cls._parts(batch, normalized_actions)
+        return (reach_ok & gripper_ok).float()
+
+    @classmethod
+    def reward(cls, batch: BanditBatch, normalized_actions: np.ndarray) -> torch.Tensor:
+        """Dense reward [N]: 0.5 for reaching toward the block, 0.5 for the right gripper sign
+        (like ManiSkill's staged dense rewards; success still needs both)."""
+        reach_ok, gripper_ok = cls._parts(batch, normalized_actions)
+        return 0.5 * reach_ok.float() + 0.5 * gripper_ok.float()

@@ -63,7 +63,32 @@ def make_optimizer(policy: OpenVLAPolicy, lr: float, value_lr: float) -> torch.o
     )
 
 
-def run_demo(cfg: DemoConfig, log=print) -> list[dict[str, float]]:
+@torch.no_grad()
+def evaluate_greedy(
+    policy: OpenVLAPolicy, prompts_of: PromptTokenizer, n: int = 256, seed: int = 12345
+) -> float:
+    """Success rate of greedy (argmax) actions on n fresh observations."""
+    task = ColourBandit(seed=seed)
+    chunk = policy.config.action_chunk
+    hits = 0.0
+    for start in range(0, n, 64):
+        obs = task.sample(min(64, n - start))
+        out = policy.generate(
+            policy.pixel_values(obs.images), prompts_of(obs.instructions), greedy=True
+        )
+        actions = ActionTokenizer().decode(out.action_tokens.view(len(obs.instructions), chunk, 7))
+        hits += float(task.success(obs, actions).sum())
+    return hits / n
+
+
+@dataclass
+class DemoResult:
+    history: list[dict[str, float]]
+    policy: OpenVLAPolicy
+    prompts_of: PromptTokenizer
+
+
+def run_demo(cfg: DemoConfig, log=print) -> DemoResult:
     torch.manual_seed(cfg.seed)
     chunk = 2 if cfg.decoding == "parallel" else 1
     policy = build_tiny_policy(tiny_config(decoding=cfg.decoding, action_chunk=chunk), cfg.seed)
@@ -90,7 +115,8 @@ def run_demo(cfg: DemoConfig, log=print) -> list[dict[str, float]]:
         prompts = prompts_of(obs.instructions)
         out = policy.generate(policy.pixel_values(obs.images), prompts, generator=gen)
         actions = action_tok.decode(out.action_tokens.view(cfg.batch_size, chunk, 7))
-        reward = task.success(obs, actions)
+        reward = task.reward(obs, actions)
+        success = task.success(obs, actions)
         if grpo:
             group_ids = torch.arange(cfg.batch_size) // cfg.group_size
             adv = compute_grpo_advantages(reward, group_ids)
@@ -112,7 +138,8 @@ def run_demo(cfg: DemoConfig, log=print) -> list[dict[str, float]]:
             obs.images, prompts, out.action_tokens, out.logprobs, adv, returns, out.values
         )
         metrics = ppo_update(policy, optimizer, batch, update_cfg, gen)
-        metrics["env/success_once"] = float(reward.mean())
+        metrics["env/success_once"] = float(success.mean())
+        metrics["env/reward"] = float(reward.mean())
         metrics["time/iteration_s"] = time.monotonic() - t0
         history.append(metrics)
         log(
@@ -131,4 +158,4 @@ def run_demo(cfg: DemoConfig, log=print) -> list[dict[str, float]]:
             break
         if cfg.time_limit_s is not None and time.monotonic() - start > cfg.time_limit_s:
             break
-    return history
+    return DemoResult(history, policy, prompts_of)
