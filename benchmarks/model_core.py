@@ -111,7 +111,7 @@ def main() -> None:
     model = build(args.size, dev, dtype)
     n_params = sum(p.numel() for p in model.parameters())
     print(
-        f"model {args.size}: {n_params / 1e9:.2f}B params, built in {time.perf_counter() - t0:.0f}s"
+        f"model {args.size}: {n_params / 1e6:.1f}M params, built in {time.perf_counter() - t0:.0f}s"
     )
     tok = PromptTokenizer(build_tiny_tokenizer())
     k = model.config.tokens_per_step
