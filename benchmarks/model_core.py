@@ -19,29 +19,15 @@ from pathlib import Path
 import torch
 
 from vla_rl.models import OpenVLAPolicy, PromptTokenizer, VLAConfig, tiny_config
-from vla_rl.models.config import default_norm_stats
+from vla_rl.models.checkpoint import materialize_buffers
+from vla_rl.models.config import default_norm_stats, tiny_text_config
 from vla_rl.models.lora import LoRASettings, apply_lora
 from vla_rl.models.tiny import build_tiny_tokenizer
 from vla_rl.training import PPOUpdateConfig, TrainBatch, ppo_update
 
-LLAMA2_7B = {
-    "model_type": "llama",
-    "vocab_size": 32064,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "pad_token_id": 32000,
-    "tie_word_embeddings": False,
-    "hidden_act": "silu",
-}
-# ~20 text tokens, as a typical ManiSkill / LIBERO instruction gives.
+# Llama-2-7B: the tiny config's fields at OpenVLA-7B's sizes.
+LLAMA2_7B = tiny_text_config(hidden_size=4096, layers=32, heads=32) | {"intermediate_size": 11008}
+# A long ManiSkill / LIBERO-style instruction (29 prompt tokens with the OpenVLA template).
 INSTRUCTION = "pick up the red cube and place it on the green goal region of the table"
 
 
@@ -56,9 +42,7 @@ def build(size: str, device: str, dtype: torch.dtype) -> OpenVLAPolicy:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)
-    lm = model.language_model.model
-    with torch.device(device):
-        lm.rotary_emb = type(lm.rotary_emb)(config=model.language_model.config)
+    materialize_buffers(model, device)
     return model.to(dtype).eval()
 
 

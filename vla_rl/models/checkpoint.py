@@ -122,7 +122,7 @@ def load_policy(
         )
     model.load_state_dict(state, strict=False, assign=True)
     model.value_head = ValueHead(config.hidden_size, config.value_head_hidden).to(device, dtype)
-    _materialize_buffers(model, device)
+    materialize_buffers(model, device)
     model.image_stats = read_image_stats(path)
     return model.eval()
 
@@ -143,7 +143,7 @@ def read_image_stats(path: Path) -> tuple:
         raise CheckpointError(f"{file}: cannot read image means/stds ({e})") from e
 
 
-def _materialize_buffers(model: OpenVLAPolicy, device) -> None:
+def materialize_buffers(model: OpenVLAPolicy, device) -> None:
     """Recreate non-persistent buffers (RoPE frequencies) that a meta-device build leaves empty."""
     lm = model.language_model.model
     rotary_cls = type(lm.rotary_emb)
