@@ -2,6 +2,7 @@
 # The main job on a fresh machine: set up .venv, then run `vla-rl` (default: the CPU demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/setup_system.sh
 bash scripts/setup_env.sh
 if [ $# -eq 0 ]; then set -- demo; fi
 exec .venv/bin/vla-rl "$@"

