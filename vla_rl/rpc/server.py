@@ -1,0 +1,166 @@
+"""Server-side gRPC helpers: a server with our message limits, health + reflection, graceful
+shutdown on SIGTERM/SIGINT, and the exception -> status mapping every servicer method uses."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import signal
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from concurrent import futures
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+logger = logging.getLogger(__name__)
+
+# A batch of 32 224x224x3 uint8 images is 4.8 MB and an adapter chunk may be several MB; gRPC's
+# default 4 MiB receive limit is too small. Both directions, both ends use this.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+SERVER_OPTIONS: Mapping[str, int] = {
+    "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
+    "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
+    # Fail loudly when the port is taken instead of silently sharing it with another server.
+    "grpc.so_reuseport": 0,
+    # Accept the keepalive pings our clients send (client.py) on long-lived ActStream calls;
+    # the default (one every 5 min) would answer them with GOAWAY "too_many_pings".
+    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.http2.min_recv_ping_interval_without_data_ms": 10_000,
+}
+
+# Health servicer of each server made by add_health_and_reflection, for serve_until_signal.
+_HEALTH: weakref.WeakKeyDictionary[grpc.Server, health.HealthServicer] = weakref.WeakKeyDictionary()
+
+
+def make_server(max_workers: int = 16, *, options: Mapping[str, Any] | None = None) -> grpc.Server:
+    """A thread-pool gRPC server with SERVER_OPTIONS (overridden by `options`). Not started."""
+    merged = {**SERVER_OPTIONS, **(options or {})}
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        options=list(merged.items()),
+    )
+
+
+def add_health_and_reflection(
+    server: grpc.Server, service_names: Iterable[str]
+) -> health.HealthServicer:
+    """Registers grpc.health.v1 (SERVING for each service and for "", the whole server) and
+    server reflection for the given full service names, e.g. "vla_rl.v1.RolloutService"."""
+    names = list(service_names)
+    health_servicer = health.HealthServicer()
+    for name in [*names, ""]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], server)
+    _HEALTH[server] = health_servicer
+    return health_servicer
+
+
+def serve_until_signal(
+    server: grpc.Server, grace_s: float = 5.0, on_stop: Callable[[], None] | None = None
+) -> int:
+    """Blocks until SIGTERM or SIGINT, then shuts down and returns the signal number.
+
+    Shutdown: health goes NOT_SERVING (so probes and balancers stop sending), the server stops
+    taking calls and gives those in flight `grace_s` seconds, then `on_stop` runs (release the
+    engine, flush buffers). A second signal during the grace period cancels the calls in flight.
+    The server must already be started; call this from the main thread (Python only delivers
+    signals there).
+    """
+    received: list[int] = []
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stopping.is_set():
+            logger.warning("second %s: cancelling calls in flight", signal.Signals(signum).name)
+            server.stop(None)
+            return
+        received.append(signum)
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        # A timed wait, so the main thread comes back to run the Python-level handler promptly.
+        while not stopping.wait(0.5):
+            pass
+        logger.info(
+            "%s: stopping gRPC server (grace %.1f s)", signal.Signals(received[0]).name, grace_s
+        )
+        health_servicer = _HEALTH.get(server)
+        if health_servicer is not None:
+            health_servicer.enter_graceful_shutdown()
+        server.stop(grace_s).wait()
+        if on_stop is not None:
+            on_stop()
+        logger.info("gRPC server stopped")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return received[0]
+
+
+# Exceptions that say what the caller did wrong, and their status; anything else is a bug here.
+_CALLER_ERRORS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),
+)
+# Statuses of a failed call to another service that are passed on unchanged, so the caller's own
+# retry policy and deadline handling apply end to end.
+_PASSED_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def _abort_with_status(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
+    code = context.code()
+    if code is not None and code != grpc.StatusCode.OK:
+        # The method chose a status itself (context.abort raises a bare Exception): keep it.
+        raise exc
+    for exc_type, status in _CALLER_ERRORS:
+        if isinstance(exc, exc_type):
+            logger.info("%s: %s: %s", method, status.name, exc)
+            context.abort(status, str(exc) or type(exc).__name__)
+    if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
+        if exc.code() in _PASSED_ON:
+            logger.warning("%s: call to another service failed: %s", method, exc.details())
+            context.abort(exc.code(), f"call to another service failed: {exc.details()}")
+    logger.error("%s failed", method, exc_info=exc)
+    context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def map_errors(method: F) -> F:
+    """Decorates a servicer method (unary or streaming reply) so that an exception becomes a
+    status instead of gRPC's generic UNKNOWN: ValueError -> INVALID_ARGUMENT with its message,
+    NotImplementedError -> UNIMPLEMENTED, UNAVAILABLE / DEADLINE_EXCEEDED from a call to another
+    service -> the same code, anything else -> INTERNAL, logged with its traceback. A status the
+    method set itself (context.abort) is kept. The context must be the last argument.
+    """
+    name = method.__qualname__
+
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def stream_wrapper(*args: Any) -> Any:
+            try:
+                yield from method(*args)
+            except Exception as exc:
+                _abort_with_status(exc, args[-1], name)
+
+        return stream_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    def wrapper(*args: Any) -> Any:
+        try:
+            return method(*args)
+        except Exception as exc:
+            _abort_with_status(exc, args[-1], name)
+
+    return wrapper  # type: ignore[return-value]
