@@ -42,6 +42,17 @@ def _tiny_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from vla_rl.config import ConfigError
+    from vla_rl.launch import train
+
+    try:
+        return train(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-rl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--target-success", type=float, default=0.95,
                       help="stop once 3 iterations in a row reach this success rate")  # fmt: skip
     demo.set_defaults(func=_demo)
+
+    train = sub.add_parser(
+        "train", help="train through the real services (env servers, rollout, Redis, learner)"
+    )
+    train.add_argument("--config", default=None, help="YAML config (default: the tiny CPU run)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. runner.max_epochs=4")
+    train.set_defaults(func=_train)
 
     tiny = sub.add_parser("tiny-checkpoint", help="write a tiny random OpenVLA checkpoint")
     tiny.add_argument("path")

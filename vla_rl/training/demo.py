@@ -17,7 +17,7 @@ from vla_rl.models.lora import LoRASettings, apply_lora
 from vla_rl.models.tiny import build_tiny_policy, build_tiny_tokenizer
 from vla_rl.tasks import ColourBandit
 
-from .update import PPOUpdateConfig, TrainBatch, ppo_update
+from .update import PPOUpdateConfig, TrainBatch, make_optimizer, ppo_update
 
 
 @dataclass
@@ -46,21 +46,6 @@ class DemoConfig:
     """Stop early once the mean success of the last 3 iterations reaches this."""
     time_limit_s: float | None = None
     """Stop once this much wall time has passed."""
-
-
-def make_optimizer(policy: OpenVLAPolicy, lr: float, value_lr: float) -> torch.optim.AdamW:
-    """AdamW with a separate learning rate for the value head (it starts from scratch)."""
-    head = [
-        p for n, p in policy.named_parameters() if p.requires_grad and n.startswith("value_head.")
-    ]
-    rest = [
-        p
-        for n, p in policy.named_parameters()
-        if p.requires_grad and not n.startswith("value_head.")
-    ]
-    return torch.optim.AdamW(
-        [{"params": rest, "lr": lr}, {"params": head, "lr": value_lr}], weight_decay=0.0
-    )
 
 
 @torch.no_grad()

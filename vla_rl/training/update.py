@@ -59,6 +59,29 @@ class PPOUpdateConfig:
                 raise ValueError(f"{name} must be >= 1")
 
 
+def make_optimizer(
+    policy: OpenVLAPolicy,
+    lr: float,
+    value_lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    weight_decay: float = 0.0,
+) -> torch.optim.AdamW:
+    """AdamW with a separate learning rate for the value head (it starts from scratch)."""
+    head = [
+        p for n, p in policy.named_parameters() if p.requires_grad and n.startswith("value_head.")
+    ]
+    rest = [
+        p
+        for n, p in policy.named_parameters()
+        if p.requires_grad and not n.startswith("value_head.")
+    ]
+    return torch.optim.AdamW(
+        [{"params": rest, "lr": lr}, {"params": head, "lr": value_lr}],
+        betas=betas,
+        weight_decay=weight_decay,
+    )
+
+
 @dataclass
 class TrainBatch:
     """N decisions with everything the loss needs (K = tokens per decision)."""

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from vla_rl.rpc.gen.v1 import common_pb2 as vla__rl_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13vla_rl/v1/env.proto\x12\tvla_rl.v1\x1a\x16vla_rl/v1/common.proto\"\x8e\x03\n\x16StartCollectionRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08task_ids\x18\x02 \x03(\t\x12\x10\n\x08num_envs\x18\x03 \x01(\x05\x12\x13\n\x0bsim_backend\x18\x04 \x01(\t\x12\x1a\n\x12pipeline_stage_num\x18\x05 \x01(\x05\x12\x12\n\ngroup_size\x18\x06 \x01(\x05\x12\x19\n\x11max_episode_steps\x18\x07 \x01(\x05\x12\x16\n\x0erollout_target\x18\x08 \x01(\t\x12\x12\n\nbuffer_url\x18\t \x01(\t\x12\x0e\n\x06stream\x18\n \x01(\t\x12\x0c\n\x04seed\x18\x0b \x01(\x03\x12\x15\n\rmax_staleness\x18\x0c \x01(\x05\x12\x15\n\rstart_version\x18\r \x01(\x03\x12\x12\n\niterations\x18\x0e \x01(\x05\x12\x13\n\x0btemperature\x18\x0f \x01(\x02\x12\x13\n\x0breward_mode\x18\x10 \x01(\t\x12\x14\n\x0c\x63ontrol_mode\x18\x11 \x01(\t\x12\x14\n\x0ctask_modules\x18\x12 \x03(\t\"\'\n\x15StopCollectionRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x12\n\x10GetStatusRequest\"\x97\x01\n\x10\x43ollectionStatus\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x18\n\x10segments_written\x18\x03 \x01(\x03\x12\x11\n\tenv_steps\x18\x04 \x01(\x03\x12\x10\n\x08\x65pisodes\x18\x05 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x03\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"-\n\x0cResetRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x03\"W\n\nResetReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12 \n\x05image\x18\x02 \x01(\x0b\x32\x11.vla_rl.v1.Tensor\x12\x13\n\x0binstruction\x18\x03 \x01(\t\"D\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x06\x61\x63tion\x18\x02 \x01(\x0b\x32\x11.vla_rl.v1.Tensor\"\x8a\x01\n\tStepReply\x12 \n\x05image\x18\x01 \x01(\x0b\x32\x11.vla_rl.v1.Tensor\x12\x13\n\x0binstruction\x18\x02 \x01(\t\x12\x0e\n\x06reward\x18\x03 \x01(\x02\x12\x12\n\nterminated\x18\x04 \x01(\x08\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12\x0f\n\x07success\x18\x06 \x01(\x08\x32\xe6\x02\n\nEnvService\x12Q\n\x0fStartCollection\x12!.vla_rl.v1.StartCollectionRequest\x1a\x1b.vla_rl.v1.CollectionStatus\x12O\n\x0eStopCollection\x12 .vla_rl.v1.StopCollectionRequest\x1a\x1b.vla_rl.v1.CollectionStatus\x12\x45\n\tGetStatus\x12\x1b.vla_rl.v1.GetStatusRequest\x1a\x1b.vla_rl.v1.CollectionStatus\x12\x37\n\x05Reset\x12\x17.vla_rl.v1.ResetRequest\x1a\x15.vla_rl.v1.ResetReply\x12\x34\n\x04Step\x12\x16.vla_rl.v1.StepRequest\x1a\x14.vla_rl.v1.StepReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13vla_rl/v1/env.proto\x12\tvla_rl.v1\x1a\x16vla_rl/v1/common.proto\"\xd4\x03\n\x16StartCollectionRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08task_ids\x18\x02 \x03(\t\x12\x10\n\x08num_envs\x18\x03 \x01(\x05\x12\x13\n\x0bsim_backend\x18\x04 \x01(\t\x12\x1a\n\x12pipeline_stage_num\x18\x05 \x01(\x05\x12\x12\n\ngroup_size\x18\x06 \x01(\x05\x12\x19\n\x11max_episode_steps\x18\x07 \x01(\x05\x12\x16\n\x0erollout_target\x18\x08 \x01(\t\x12\x12\n\nbuffer_url\x18\t \x01(\t\x12\x0e\n\x06stream\x18\n \x01(\t\x12\x0c\n\x04seed\x18\x0b \x01(\x03\x12\x15\n\rmax_staleness\x18\x0c \x01(\x05\x12\x15\n\rstart_version\x18\r \x01(\x03\x12\x12\n\niterations\x18\x0e \x01(\x05\x12\x13\n\x0btemperature\x18\x0f \x01(\x02\x12\x13\n\x0breward_mode\x18\x10 \x01(\t\x12\x14\n\x0c\x63ontrol_mode\x18\x11 \x01(\t\x12\x14\n\x0ctask_modules\x18\x12 \x03(\t\x12\x19\n\x11steps_per_segment\x18\x13 \x01(\x05\x12\x15\n\rbuffer_maxlen\x18\x14 \x01(\x03\x12\x12\n\nimage_size\x18\x15 \x01(\x05\"\'\n\x15StopCollectionRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x12\n\x10GetStatusRequest\"\x97\x01\n\x10\x43ollectionStatus\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x18\n\x10segments_written\x18\x03 \x01(\x03\x12\x11\n\tenv_steps\x18\x04 \x01(\x03\x12\x10\n\x08\x65pisodes\x18\x05 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x03\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"-\n\x0cResetRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x03\"W\n\nResetReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12 \n\x05image\x18\x02 \x01(\x0b\x32\x11.vla_rl.v1.Tensor\x12\x13\n\x0binstruction\x18\x03 \x01(\t\"D\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x06\x61\x63tion\x18\x02 \x01(\x0b\x32\x11.vla_rl.v1.Tensor\"\x8a\x01\n\tStepReply\x12 \n\x05image\x18\x01 \x01(\x0b\x32\x11.vla_rl.v1.Tensor\x12\x13\n\x0binstruction\x18\x02 \x01(\t\x12\x0e\n\x06reward\x18\x03 \x01(\x02\x12\x12\n\nterminated\x18\x04 \x01(\x08\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12\x0f\n\x07success\x18\x06 \x01(\x08\x32\xe6\x02\n\nEnvService\x12Q\n\x0fStartCollection\x12!.vla_rl.v1.StartCollectionRequest\x1a\x1b.vla_rl.v1.CollectionStatus\x12O\n\x0eStopCollection\x12 .vla_rl.v1.StopCollectionRequest\x1a\x1b.vla_rl.v1.CollectionStatus\x12\x45\n\tGetStatus\x12\x1b.vla_rl.v1.GetStatusRequest\x1a\x1b.vla_rl.v1.CollectionStatus\x12\x37\n\x05Reset\x12\x17.vla_rl.v1.ResetRequest\x1a\x15.vla_rl.v1.ResetReply\x12\x34\n\x04Step\x12\x16.vla_rl.v1.StepRequest\x1a\x14.vla_rl.v1.StepReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,21 +33,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vla_rl.rpc.gen.v1.env_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STARTCOLLECTIONREQUEST']._serialized_start=59
-  _globals['_STARTCOLLECTIONREQUEST']._serialized_end=457
-  _globals['_STOPCOLLECTIONREQUEST']._serialized_start=459
-  _globals['_STOPCOLLECTIONREQUEST']._serialized_end=498
-  _globals['_GETSTATUSREQUEST']._serialized_start=500
-  _globals['_GETSTATUSREQUEST']._serialized_end=518
-  _globals['_COLLECTIONSTATUS']._serialized_start=521
-  _globals['_COLLECTIONSTATUS']._serialized_end=672
-  _globals['_RESETREQUEST']._serialized_start=674
-  _globals['_RESETREQUEST']._serialized_end=719
-  _globals['_RESETREPLY']._serialized_start=721
-  _globals['_RESETREPLY']._serialized_end=808
-  _globals['_STEPREQUEST']._serialized_start=810
-  _globals['_STEPREQUEST']._serialized_end=878
-  _globals['_STEPREPLY']._serialized_start=881
-  _globals['_STEPREPLY']._serialized_end=1019
-  _globals['_ENVSERVICE']._serialized_start=1022
-  _globals['_ENVSERVICE']._serialized_end=1380
+  _globals['_STARTCOLLECTIONREQUEST']._serialized_end=527
+  _globals['_STOPCOLLECTIONREQUEST']._serialized_start=529
+  _globals['_STOPCOLLECTIONREQUEST']._serialized_end=568
+  _globals['_GETSTATUSREQUEST']._serialized_start=570
+  _globals['_GETSTATUSREQUEST']._serialized_end=588
+  _globals['_COLLECTIONSTATUS']._serialized_start=591
+  _globals['_COLLECTIONSTATUS']._serialized_end=742
+  _globals['_RESETREQUEST']._serialized_start=744
+  _globals['_RESETREQUEST']._serialized_end=789
+  _globals['_RESETREPLY']._serialized_start=791
+  _globals['_RESETREPLY']._serialized_end=878
+  _globals['_STEPREQUEST']._serialized_start=880
+  _globals['_STEPREQUEST']._serialized_end=948
+  _globals['_STEPREPLY']._serialized_start=951
+  _globals['_STEPREPLY']._serialized_end=1089
+  _globals['_ENVSERVICE']._serialized_start=1092
+  _globals['_ENVSERVICE']._serialized_end=1450
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StartCollectionRequest(_message.Message):
-    __slots__ = ("run_id", "task_ids", "num_envs", "sim_backend", "pipeline_stage_num", "group_size", "max_episode_steps", "rollout_target", "buffer_url", "stream", "seed", "max_staleness", "start_version", "iterations", "temperature", "reward_mode", "control_mode", "task_modules")
+    __slots__ = ("run_id", "task_ids", "num_envs", "sim_backend", "pipeline_stage_num", "group_size", "max_episode_steps", "rollout_target", "buffer_url", "stream", "seed", "max_staleness", "start_version", "iterations", "temperature", "reward_mode", "control_mode", "task_modules", "steps_per_segment", "buffer_maxlen", "image_size")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_ENVS_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,9 @@ class StartCollectionRequest(_message.Message):
     REWARD_MODE_FIELD_NUMBER: _ClassVar[int]
     CONTROL_MODE_FIELD_NUMBER: _ClassVar[int]
     TASK_MODULES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_MAXLEN_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     task_ids: _containers.RepeatedScalarFieldContainer[str]
     num_envs: int
@@ -45,7 +48,10 @@ class StartCollectionRequest(_message.Message):
     reward_mode: str
     control_mode: str
     task_modules: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, run_id: _Optional[str] = ..., task_ids: _Optional[_Iterable[str]] = ..., num_envs: _Optional[int] = ..., sim_backend: _Optional[str] = ..., pipeline_stage_num: _Optional[int] = ..., group_size: _Optional[int] = ..., max_episode_steps: _Optional[int] = ..., rollout_target: _Optional[str] = ..., buffer_url: _Optional[str] = ..., stream: _Optional[str] = ..., seed: _Optional[int] = ..., max_staleness: _Optional[int] = ..., start_version: _Optional[int] = ..., iterations: _Optional[int] = ..., temperature: _Optional[float] = ..., reward_mode: _Optional[str] = ..., control_mode: _Optional[str] = ..., task_modules: _Optional[_Iterable[str]] = ...) -> None: ...
+    steps_per_segment: int
+    buffer_maxlen: int
+    image_size: int
+    def __init__(self, run_id: _Optional[str] = ..., task_ids: _Optional[_Iterable[str]] = ..., num_envs: _Optional[int] = ..., sim_backend: _Optional[str] = ..., pipeline_stage_num: _Optional[int] = ..., group_size: _Optional[int] = ..., max_episode_steps: _Optional[int] = ..., rollout_target: _Optional[str] = ..., buffer_url: _Optional[str] = ..., stream: _Optional[str] = ..., seed: _Optional[int] = ..., max_staleness: _Optional[int] = ..., start_version: _Optional[int] = ..., iterations: _Optional[int] = ..., temperature: _Optional[float] = ..., reward_mode: _Optional[str] = ..., control_mode: _Optional[str] = ..., task_modules: _Optional[_Iterable[str]] = ..., steps_per_segment: _Optional[int] = ..., buffer_maxlen: _Optional[int] = ..., image_size: _Optional[int] = ...) -> None: ...
 
 class StopCollectionRequest(_message.Message):
     __slots__ = ("run_id",)

@@ -1,0 +1,223 @@
+"""EnvService: start/stop a collection run (one at a time), report status, and serve single-env
+Reset/Step sessions to evaluation clients."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+import grpc
+import numpy as np
+
+from vla_rl.buffer import from_url
+from vla_rl.rpc.gen.v1 import env_pb2, env_pb2_grpc
+from vla_rl.rpc.rollout_client import RolloutClient
+from vla_rl.rpc.server import map_errors
+from vla_rl.rpc.tensors import from_tensor, to_tensor
+
+from .collector import CollectionConfig, Collector
+from .env_pool import EnvPool, EnvPoolConfig
+from .tasks import import_task_modules, resolve_task
+
+log = logging.getLogger("vla_rl.env_server")
+
+MAX_SESSIONS = 8
+SESSION_IDLE_S = 600.0
+
+
+def collection_config(req: env_pb2.StartCollectionRequest, server_id: str) -> CollectionConfig:
+    """Proto -> CollectionConfig; every check raises ValueError naming the field."""
+    if not req.task_ids:
+        raise ValueError("task_ids is empty")
+    import_task_modules(req.task_modules)
+    for task_id in req.task_ids:
+        resolve_task(task_id)  # ValueError naming the task and the known ones
+    if req.num_envs < 1:
+        raise ValueError("num_envs must be >= 1")
+    if req.max_episode_steps < 1:
+        raise ValueError("max_episode_steps must be >= 1")
+    if not req.rollout_target or not req.buffer_url:
+        raise ValueError("rollout_target and buffer_url are required")
+    pool = EnvPoolConfig(
+        task_ids=list(req.task_ids),
+        num_envs=req.num_envs,
+        sim_backend=req.sim_backend or "cpu",
+        control_mode=req.control_mode or "pd_ee_delta_pose",
+        image_size=req.image_size or 224,
+        max_episode_steps=req.max_episode_steps,
+        reward_mode=req.reward_mode or "normalized_dense",
+        seed=req.seed,
+        task_modules=list(req.task_modules),
+    )
+    return CollectionConfig(
+        run_id=req.run_id or "run",
+        server_id=server_id,
+        pool=pool,
+        pipeline_stage_num=req.pipeline_stage_num or 1,
+        group_size=req.group_size or 1,
+        iterations=req.iterations,
+        start_version=req.start_version,
+        max_staleness=req.max_staleness,
+        temperature=req.temperature or 1.0,
+        steps_per_segment=req.steps_per_segment or None,
+    )
+
+
+class _Session:
+    def __init__(self, pool: EnvPool) -> None:
+        self.pool = pool
+        self.lock = threading.Lock()
+        self.last_used = time.monotonic()
+
+
+class EnvServicer(env_pb2_grpc.EnvServiceServicer):
+    def __init__(self, server_id: str) -> None:
+        self.server_id = server_id
+        self._lock = threading.Lock()
+        self._collector: Collector | None = None
+        self._thread: threading.Thread | None = None
+        self._run_id = ""
+        self._sessions: dict[str, _Session] = {}
+
+    # -- collection ---------------------------------------------------------------------------
+    def _status(self) -> env_pb2.CollectionStatus:
+        c = self._collector
+        if c is None:
+            return env_pb2.CollectionStatus(state="idle")
+        s = c.stats
+        running = self._thread is not None and self._thread.is_alive()
+        state = ("stopping" if c.stop_event.is_set() else "running") if running else s.state
+        return env_pb2.CollectionStatus(
+            state=state,
+            run_id=self._run_id,
+            segments_written=s.segments_written,
+            env_steps=s.env_steps,
+            episodes=s.episodes,
+            policy_version=s.policy_version,
+            error=s.error,
+        )
+
+    @map_errors
+    def StartCollection(self, request, context):
+        config = collection_config(request, self.server_id)
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"collection {self._run_id!r} is running; stop it first",
+                )
+            rollout = RolloutClient(request.rollout_target)
+            info = rollout.policy()
+            config.action_chunk = int(info.action_chunk)
+            config.__post_init__()
+            buffer = from_url(
+                request.buffer_url,
+                stream=request.stream or "vla_rl:segments",
+                maxlen=request.buffer_maxlen or None,
+            )
+            collector = Collector(
+                config,
+                act=lambda images, texts, temperature: rollout.act_async(
+                    images, texts, temperature
+                ),
+                current_version=lambda: int(rollout.policy().policy_version),
+                buffer=buffer,
+            )
+
+            def run() -> None:
+                try:
+                    collector.run()
+                finally:
+                    buffer.close()
+                    rollout.close()
+
+            self._collector, self._run_id = collector, config.run_id
+            self._thread = threading.Thread(target=run, name="collector", daemon=True)
+            self._thread.start()
+            log.info(
+                "collecting run %s: %d envs of %s, %d stages",
+                config.run_id,
+                config.pool.num_envs,
+                config.pool.task_ids,
+                config.pipeline_stage_num,
+            )
+            return self._status()
+
+    @map_errors
+    def StopCollection(self, request, context):
+        with self._lock:
+            c = self._collector
+            if c is not None and (not request.run_id or request.run_id == self._run_id):
+                c.stop_event.set()
+            return self._status()
+
+    @map_errors
+    def GetStatus(self, request, context):
+        return self._status()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop collecting (SIGTERM): in-flight episodes are dropped, written segments stay."""
+        if self._collector is not None:
+            self._collector.stop_event.set()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout_s)
+        for session in list(self._sessions.values()):
+            session.pool.close()
+        self._sessions.clear()
+
+    # -- evaluation sessions ------------------------------------------------------------------
+    def _expire_sessions(self) -> None:
+        now = time.monotonic()
+        for sid, session in list(self._sessions.items()):
+            if now - session.last_used > SESSION_IDLE_S:
+                self._sessions.pop(sid).pool.close()
+
+    @map_errors
+    def Reset(self, request, context):
+        resolve_task(request.task_id)
+        with self._lock:
+            self._expire_sessions()
+            if len(self._sessions) >= MAX_SESSIONS:
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_SESSIONS} eval sessions"
+                )
+        pool = EnvPool(EnvPoolConfig(task_ids=[request.task_id], num_envs=1, seed=request.seed))
+        obs = pool.reset([int(request.seed)])
+        sid = uuid.uuid4().hex
+        with self._lock:
+            self._sessions[sid] = _Session(pool)
+        return env_pb2.ResetReply(
+            session_id=sid, image=to_tensor(obs.images[0]), instruction=obs.instructions[0]
+        )
+
+    @map_errors
+    def Step(self, request, context):
+        session = self._sessions.get(request.session_id)
+        if session is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no session {request.session_id!r}")
+        action = from_tensor(request.action, expect_dtype="float32", expect_ndim={1, 2})
+        chunk = action.reshape(-1, action.shape[-1])
+        if chunk.shape[-1] != 7 or not np.isfinite(chunk).all():
+            raise ValueError(
+                f"action must be finite float32 [7] or [C, 7], got {list(action.shape)}"
+            )
+        reward, done, success = 0.0, (False, False), False
+        with session.lock:
+            session.last_used = time.monotonic()
+            for a in chunk:
+                res = session.pool.step(a[None])
+                reward += float(res.rewards[0])
+                success |= bool(res.success[0])
+                done = (bool(res.terminated[0]), bool(res.truncated[0]))
+                if any(done):
+                    break
+        return env_pb2.StepReply(
+            image=to_tensor(res.final_images[0]),
+            instruction=res.obs.instructions[0],
+            reward=reward,
+            terminated=done[0],
+            truncated=done[1],
+            success=success,
+        )

@@ -1,0 +1,202 @@
+"""From trajectory segments to a PPO training batch: stack, recompute the old log-probs and
+values without grad, and compute GAE (PPO) or group-relative (GRPO) advantages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vla_rl.algorithms import (
+    broadcast_episode_advantages,
+    compute_gae,
+    compute_grpo_advantages,
+    filter_uniform_groups,
+    next_values_from_segment,
+)
+from vla_rl.buffer import Segment
+from vla_rl.models import OpenVLAPolicy, PromptBatch, PromptTokenizer
+from vla_rl.training.update import TrainBatch
+
+
+@dataclass
+class SegmentBatch:
+    """N segments of T decisions, time-major like the GAE functions want."""
+
+    images: torch.Tensor  # uint8 [T, N, H, W, 3]
+    instructions: list[list[str]]  # [T][N]
+    action_tokens: torch.Tensor  # int64 [T, N, K]
+    behaviour_logprobs: torch.Tensor  # float32 [T, N, K]
+    rewards: torch.Tensor  # float32 [T, N]
+    terminated: torch.Tensor  # bool [T, N]
+    truncated: torch.Tensor  # bool [T, N]
+    success: torch.Tensor  # bool [T, N]
+    bootstrap_images: torch.Tensor  # uint8 [N, H, W, 3]
+    bootstrap_instructions: list[str]  # [N]
+    group_ids: torch.Tensor  # int64 [N]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.rewards.shape)  # type: ignore[return-value]
+
+
+def stack_segments(segments: list[Segment]) -> SegmentBatch:
+    """Segments of one iteration must share T and K (they come from one collection config)."""
+    if not segments:
+        raise ValueError("no segments to train on")
+    lengths = {len(s.rewards) for s in segments}
+    widths = {s.action_tokens.shape[1] for s in segments}
+    if len(lengths) != 1 or len(widths) != 1:
+        raise ValueError(f"segments differ in length {lengths} or action width {widths}")
+
+    def stack(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.stack([getattr(s, name) for s in segments], axis=1))
+
+    return SegmentBatch(
+        images=stack("images"),
+        instructions=[list(step) for step in zip(*(s.instructions for s in segments), strict=True)],
+        action_tokens=stack("action_tokens").long(),
+        behaviour_logprobs=stack("behaviour_logprobs").float(),
+        rewards=stack("rewards").float(),
+        terminated=stack("terminated").bool(),
+        truncated=stack("truncated").bool(),
+        success=stack("success").bool(),
+        bootstrap_images=torch.from_numpy(np.stack([s.bootstrap_image for s in segments])),
+        bootstrap_instructions=[s.bootstrap_instruction for s in segments],
+        group_ids=_global_group_ids(segments),
+    )
+
+
+def _global_group_ids(segments: list[Segment]) -> torch.Tensor:
+    """Group ids are per env server; the segment id's prefix (run, server, iteration) makes them
+    global. Segments without a group (-1) each form their own group."""
+    keys: dict[tuple, int] = {}
+    ids = []
+    for s in segments:
+        prefix = s.segment_id.rsplit("-", 1)[0]
+        key = (prefix, s.group_id) if s.group_id >= 0 else (s.segment_id, -1)
+        ids.append(keys.setdefault(key, len(keys)))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def recompute_old(
+    policy: OpenVLAPolicy,
+    images: torch.Tensor,
+    prompts: PromptBatch,
+    action_tokens: torch.Tensor | None,
+    temperature: float,
+    micro_batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token log-probs [M, K] (None tokens -> empty) and values [M] under the current weights."""
+    policy.eval()
+    logps, values = [], []
+    for start in range(0, images.shape[0], micro_batch_size):
+        sl = slice(start, start + micro_batch_size)
+        pv = policy.pixel_values(images[sl])
+        p = PromptBatch(prompts.input_ids[sl], prompts.attention_mask[sl])
+        if action_tokens is None:
+            # Values only: V is read at the last prompt token, which attends causally and so
+            # never sees the action slots; any valid ids serve as placeholders.
+            cfg = policy.config
+            fill = torch.full((pv.shape[0], cfg.tokens_per_step), cfg.action_vocab_start)
+            _, v = policy.forward_actions(pv, p, fill)
+        else:
+            lp, _, v = policy.evaluate_actions(pv, p, action_tokens[sl], temperature=temperature)
+            logps.append(lp.float().cpu())
+        values.append(v.float().cpu())
+    logp = torch.cat(logps) if logps else torch.empty(0)
+    return logp, torch.cat(values)
+
+
+def first_episode_mask(terminated: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
+    """[T, N] bool: steps up to and including each env's first episode end (GRPO scores whole
+    episodes from the shared start; what an env plays after an auto-reset is not from it)."""
+    done = (terminated | truncated).long()
+    ended_before = torch.cumsum(done, 0) - done  # episode ends strictly before step t
+    return ended_before == 0
+
+
+@dataclass
+class AdvantageConfig:
+    adv_type: str = "gae"
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    filter_uniform_groups: bool = False
+
+
+def build_train_batch(
+    policy: OpenVLAPolicy,
+    prompts_of: PromptTokenizer,
+    seg: SegmentBatch,
+    adv_cfg: AdvantageConfig,
+    temperature: float,
+    micro_batch_size: int,
+) -> tuple[TrainBatch, dict[str, float]]:
+    """Flatten [T, N] decisions into a TrainBatch with recomputed old log-probs and values."""
+    T, N = seg.shape
+    flat_images = seg.images.reshape(T * N, *seg.images.shape[2:])
+    flat_prompts = prompts_of([text for step in seg.instructions for text in step])
+    flat_tokens = seg.action_tokens.reshape(T * N, -1)
+    old_logp, old_values = recompute_old(
+        policy, flat_images, flat_prompts, flat_tokens, temperature, micro_batch_size
+    )
+    values = old_values.view(T, N)
+    mask = torch.ones(T, N, dtype=torch.bool)
+    if adv_cfg.adv_type == "gae":
+        _, last_value = recompute_old(
+            policy,
+            seg.bootstrap_images,
+            prompts_of(seg.bootstrap_instructions),
+            None,
+            temperature,
+            micro_batch_size,
+        )
+        # A time-limit cut inside a segment reads the value of the step after it (the collector
+        # aligns the time limit with the segment's end, where the bootstrap image is the real one).
+        final_values = torch.cat([values[1:], last_value[None]])
+        next_values = next_values_from_segment(values, final_values, last_value, seg.truncated)
+        adv, returns = compute_gae(
+            seg.rewards,
+            values,
+            next_values,
+            seg.terminated,
+            seg.truncated,
+            adv_cfg.gamma,
+            adv_cfg.gae_lambda,
+        )
+    elif adv_cfg.adv_type == "grpo":
+        mask = first_episode_mask(seg.terminated, seg.truncated)
+        scores = (seg.rewards * mask).sum(0)
+        episode_adv = compute_grpo_advantages(scores, seg.group_ids)
+        if adv_cfg.filter_uniform_groups:
+            success = (seg.success & mask).any(0)
+            keep = filter_uniform_groups(success, seg.group_ids)
+            mask &= keep[None]
+        adv = broadcast_episode_advantages(episode_adv, mask)
+        returns = adv.clone()
+    else:
+        raise ValueError(f"unknown adv_type {adv_cfg.adv_type!r}")
+    flat_mask = mask.reshape(-1)
+    valid_adv = adv.reshape(-1)[flat_mask]
+    stats = {
+        "rollout/advantages_max": float(valid_adv.max()) if valid_adv.numel() else 0.0,
+        "rollout/advantages_mean": float(valid_adv.mean()) if valid_adv.numel() else 0.0,
+        "rollout/advantages_min": float(valid_adv.min()) if valid_adv.numel() else 0.0,
+        "rollout/rewards": float(seg.rewards.mean()),
+        "rollout/logprob_mismatch": float(
+            (seg.behaviour_logprobs.reshape(T * N, -1) - old_logp).abs().mean()
+        ),
+    }
+    batch = TrainBatch(
+        images=flat_images,
+        prompts=flat_prompts,
+        action_tokens=flat_tokens,
+        old_logprobs=old_logp,
+        advantages=adv.reshape(-1),
+        returns=returns.reshape(-1),
+        old_values=old_values,
+        mask=flat_mask,
+    )
+    return batch, stats

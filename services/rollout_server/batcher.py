@@ -1,0 +1,145 @@
+"""Dynamic batching: concurrent Act calls from several env servers share one engine forward.
+
+A worker thread takes the first waiting request, then gathers more with the same sampling
+settings until `max_batch_size` observations or `max_wait_ms` have passed, runs the engine once
+and hands each caller its rows. Requests with a seed run alone so their samples are reproducible.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .engines.base import Engine, EngineOutput
+
+
+@dataclass
+class _Request:
+    images: np.ndarray
+    instructions: list[str]
+    temperature: float
+    top_k: int
+    greedy: bool
+    seed: int | None
+    future: Future = field(default_factory=Future)
+
+    @property
+    def key(self) -> tuple:
+        return (self.temperature, self.top_k, self.greedy)
+
+
+class DynamicBatcher:
+    def __init__(self, engine: Engine, max_batch_size: int = 64, max_wait_ms: float = 5.0) -> None:
+        if max_batch_size < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch_size must be >= 1 and max_wait_ms >= 0")
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._held: list[_Request] = []  # taken from the queue but not batchable with the last one
+        self.batch_sizes: list[int] = []  # observations per engine call (for metrics and tests)
+        self._thread = threading.Thread(target=self._run, name="dynamic-batcher", daemon=True)
+        self._stopped = False
+        self._thread.start()
+
+    def submit(
+        self,
+        images: np.ndarray,
+        instructions: list[str],
+        *,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        greedy: bool = False,
+        seed: int | None = None,
+    ) -> Future:
+        """Queue a validated request; the future resolves to its EngineOutput."""
+        if self._stopped:
+            raise RuntimeError("the batcher is stopped")
+        req = _Request(images, list(instructions), float(temperature), int(top_k), greedy, seed)
+        self._queue.put(req)
+        return req.future
+
+    def close(self) -> None:
+        self._stopped = True
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _next(self, timeout: float | None) -> _Request | None:
+        if self._held:
+            return self._held.pop(0)
+        return self._queue.get(timeout=timeout)
+
+    def _gather(self, first: _Request) -> list[_Request]:
+        batch, size = [first], len(first.instructions)
+        if first.seed is not None:
+            return batch
+        deadline = time.monotonic() + self.max_wait_s
+        skipped: list[_Request] = []
+        while size < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                req = (
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
+            except queue.Empty:
+                break
+            if req is None:  # close() sentinel: put it back for the main loop
+                self._queue.put(None)
+                break
+            n = len(req.instructions)
+            if req.key != first.key or req.seed is not None or size + n > self.max_batch_size:
+                skipped.append(req)
+                continue
+            batch.append(req)
+            size += n
+        self._held.extend(skipped)
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            first = self._next(timeout=None)
+            if first is None:
+                for req in self._held:
+                    req.future.set_exception(RuntimeError("the rollout server is shutting down"))
+                return
+            batch = self._gather(first)
+            self._execute(batch)
+
+    def _execute(self, batch: list[_Request]) -> None:
+        first = batch[0]
+        try:
+            images = (
+                batch[0].images if len(batch) == 1 else np.concatenate([r.images for r in batch])
+            )
+            instructions = [t for r in batch for t in r.instructions]
+            out = self.engine.act(
+                images,
+                instructions,
+                temperature=first.temperature,
+                top_k=first.top_k,
+                greedy=first.greedy,
+                seed=first.seed,
+            )
+        except Exception as e:  # noqa: BLE001 - every caller must hear about the failure
+            for req in batch:
+                req.future.set_exception(e)
+            return
+        self.batch_sizes.append(len(instructions))
+        start = 0
+        for req in batch:
+            n = len(req.instructions)
+            req.future.set_result(
+                EngineOutput(
+                    out.action_tokens[start : start + n],
+                    out.logprobs[start : start + n],
+                    out.policy_version,
+                )
+            )
+            start += n

@@ -1,0 +1,85 @@
+"""Entry point: `python -m services.rollout_server.main --checkpoint DIR --engine torch|vllm`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from vla_rl.models import ActionNormalizer, read_config
+from vla_rl.rpc import ROLLOUT_SERVICE
+from vla_rl.rpc.gen.v1 import rollout_pb2_grpc
+from vla_rl.rpc.server import add_health_and_reflection, make_server, serve_until_signal
+
+from .batcher import DynamicBatcher
+from .servicer import RolloutServicer
+
+log = logging.getLogger("vla_rl.rollout_server")
+
+
+def build_engine(args: argparse.Namespace):
+    if args.engine == "torch":
+        from .engines.torch_engine import TorchEngine
+
+        return TorchEngine(args.checkpoint, device=args.device, precision=args.precision)
+    if args.engine == "vllm":
+        from .engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(
+            args.checkpoint,
+            device=args.device,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_batch_size=args.max_batch_size,
+        )
+    raise ValueError(f"unknown engine {args.engine!r} (torch or vllm)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="The rollout server: serves OpenVLA actions.")
+    p.add_argument("--checkpoint", required=True, help="OpenVLA checkpoint directory")
+    p.add_argument("--engine", default="torch", choices=["torch", "vllm"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50052)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    p.add_argument("--unnorm-key", default=None)
+    p.add_argument("--base-model-id", default=None, help="reported by GetPolicy")
+    p.add_argument("--grace-s", type=float, default=5.0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s rollout %(levelname)s %(message)s")
+    args = parse_args(argv)
+    config = read_config(args.checkpoint)
+    normalizer = ActionNormalizer.from_norm_stats(config.norm_stats, args.unnorm_key)
+    engine = build_engine(args)
+    batcher = DynamicBatcher(engine, args.max_batch_size, args.max_wait_ms)
+    servicer = RolloutServicer(
+        engine,
+        batcher,
+        normalizer,
+        image_size=int(config.image_sizes[0]),
+        base_model_id=args.base_model_id or str(args.checkpoint),
+        action_dim=int(config.action_dim),
+    )
+    server = make_server()
+    rollout_pb2_grpc.add_RolloutServiceServicer_to_server(servicer, server)
+    add_health_and_reflection(server, [ROLLOUT_SERVICE])
+    address = f"{args.host}:{args.port}"
+    if server.add_insecure_port(address) == 0:
+        raise SystemExit(f"rollout server: cannot bind {address}")
+    server.start()
+    log.info("serving %s engine on %s (policy version %d)", engine.name, address, 0)
+
+    def on_stop() -> None:
+        batcher.close()
+        engine.close()
+
+    serve_until_signal(server, args.grace_s, on_stop)
+
+
+if __name__ == "__main__":
+    main()

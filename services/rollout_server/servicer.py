@@ -1,0 +1,148 @@
+"""RolloutService: proto in, engine (through the dynamic batcher), proto out."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+
+import grpc
+import numpy as np
+
+from vla_rl.models import ActionNormalizer, ActionTokenizer
+from vla_rl.rpc.gen.v1 import rollout_pb2, rollout_pb2_grpc
+from vla_rl.rpc.server import map_errors
+from vla_rl.rpc.tensors import from_tensor, to_tensor
+
+from .batcher import DynamicBatcher
+from .engines.base import AdapterError, Engine, EngineOutput, validate_batch
+
+log = logging.getLogger("vla_rl.rollout_server")
+
+MAX_ADAPTER_BYTES = 2 << 30
+
+
+class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
+    def __init__(
+        self,
+        engine: Engine,
+        batcher: DynamicBatcher,
+        normalizer: ActionNormalizer,
+        image_size: int,
+        base_model_id: str,
+        action_dim: int = 7,
+    ) -> None:
+        self.engine = engine
+        self.batcher = batcher
+        self.normalizer = normalizer
+        self.tokenizer = ActionTokenizer()
+        self.image_size = image_size
+        self.base_model_id = base_model_id
+        self.action_dim = action_dim
+        self.adapter_sha256 = ""
+        self._push_lock = threading.Lock()
+
+    # -- helpers: proto <-> domain --------------------------------------------------------------
+    def _parse(self, req: rollout_pb2.ActRequest) -> tuple[np.ndarray, list[str]]:
+        images = from_tensor(
+            req.images,
+            expect_dtype="uint8",
+            expect_shape=(None, self.image_size, self.image_size, 3),
+            copy=True,
+        )
+        instructions = list(req.instructions)
+        temperature = req.temperature if req.temperature > 0 or req.greedy else 1.0
+        validate_batch(images, instructions, self.image_size, temperature, req.top_k, req.greedy)
+        return images, instructions
+
+    def _reply(self, req: rollout_pb2.ActRequest, out: EngineOutput) -> rollout_pb2.ActReply:
+        b, k = out.action_tokens.shape
+        chunk = k // self.action_dim
+        normalized = self.tokenizer.decode(out.action_tokens.reshape(b, chunk, self.action_dim))
+        actions = self.normalizer.unnormalize(normalized).astype(np.float32)
+        if not np.isfinite(actions).all():
+            raise RuntimeError("the policy produced non-finite actions")
+        return rollout_pb2.ActReply(
+            request_id=req.request_id,
+            action_tokens=to_tensor(out.action_tokens.astype(np.int64)),
+            actions=to_tensor(actions),
+            logprobs=to_tensor(out.logprobs.astype(np.float32)),
+            policy_version=out.policy_version,
+        )
+
+    def _act(self, req: rollout_pb2.ActRequest) -> rollout_pb2.ActReply:
+        images, instructions = self._parse(req)
+        future = self.batcher.submit(
+            images,
+            instructions,
+            temperature=req.temperature if req.temperature > 0 else 1.0,
+            top_k=req.top_k,
+            greedy=req.greedy,
+            seed=req.seed if req.HasField("seed") else None,
+        )
+        return self._reply(req, future.result())
+
+    # -- RPCs ---------------------------------------------------------------------------------
+    @map_errors
+    def Act(self, request, context):
+        return self._act(request)
+
+    @map_errors
+    def ActStream(self, request_iterator, context):
+        for request in request_iterator:
+            yield self._act(request)
+
+    @map_errors
+    def PushAdapter(self, request_iterator, context):
+        header = None
+        parts: list[bytes] = []
+        received = 0
+        for chunk in request_iterator:
+            if header is None:
+                if chunk.version <= 0 or len(chunk.sha256) != 64 or chunk.total_bytes <= 0:
+                    raise ValueError("the first chunk must carry version > 0, sha256, total_bytes")
+                if chunk.total_bytes > MAX_ADAPTER_BYTES:
+                    raise ValueError(f"adapter of {chunk.total_bytes} bytes is too large")
+                header = (chunk.version, chunk.sha256, chunk.total_bytes)
+            elif (chunk.version or chunk.sha256 or chunk.total_bytes) and (
+                chunk.version,
+                chunk.sha256,
+                chunk.total_bytes,
+            ) != header:
+                raise ValueError("a later chunk's header fields disagree with the first chunk")
+            received += len(chunk.data)
+            if received > header[2]:
+                raise ValueError(f"received more than the announced {header[2]} bytes")
+            parts.append(chunk.data)
+        if header is None:
+            raise ValueError("empty adapter stream")
+        version, digest, total = header
+        if received != total:
+            raise ValueError(f"adapter stream ended after {received} of {total} bytes")
+        blob = b"".join(parts)
+        if hashlib.sha256(blob).hexdigest() != digest:
+            raise ValueError("adapter sha256 does not match its bytes")
+        with self._push_lock:
+            try:
+                loaded = self.engine.load_adapter(blob)
+            except AdapterError as e:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"adapter refused: {e}")
+            if loaded != version:
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"adapter blob says version {loaded}, the stream said {version}",
+                )
+            self.adapter_sha256 = digest
+        log.info("serving policy version %d (sha256 %s)", loaded, digest[:12])
+        return rollout_pb2.PushAdapterReply(policy_version=loaded, sha256=digest)
+
+    @map_errors
+    def GetPolicy(self, request, context):
+        return rollout_pb2.PolicyInfo(
+            policy_version=self.engine.policy_version,
+            base_model_id=self.base_model_id,
+            engine=self.engine.name,
+            action_chunk=self.engine.action_chunk,
+            action_dim=self.action_dim,
+            adapter_sha256=self.adapter_sha256,
+        )

@@ -1,0 +1,309 @@
+"""`vla-rl train`: start the buffer, the rollout server(s), the env server(s) and the learner as
+separate processes on this machine, placed per `cluster.component_placement`, and stop them all
+on Ctrl-C. The services are started by module name; nothing here imports them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vla_rl.config import TrainConfig, dump_yaml, load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path | None
+    target: str = ""
+
+
+@dataclass
+class Launch:
+    """The processes of one run, stopped in reverse start order."""
+
+    run_dir: Path
+    children: list[Child] = field(default_factory=list)
+    memory_server: object | None = None
+
+    def start(
+        self,
+        name: str,
+        cmd: list[str],
+        *,
+        gpus: list[int] | str = "cpu",
+        to_console: bool = False,
+        target: str = "",
+    ) -> Child:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env["CUDA_VISIBLE_DEVICES"] = "" if gpus == "cpu" else ",".join(map(str, gpus))
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+        )
+        log_path = None if to_console else self.run_dir / "logs" / f"{name}.log"
+        out = None
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            out = open(log_path, "ab")  # noqa: SIM115 - owned by the child process from here
+        proc = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT if out else None
+        )
+        child = Child(name, proc, log_path, target)
+        self.children.append(child)
+        return child
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in reversed(self.children):
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+        if self.memory_server is not None:
+            self.memory_server.shutdown()
+
+    def check_alive(self) -> None:
+        for child in self.children:
+            code = child.proc.poll()
+            if code is not None and child.name != "learner":
+                tail = child.log_path.read_text(errors="replace")[-3000:] if child.log_path else ""
+                raise RuntimeError(f"{child.name} exited with code {code}:\n{tail}")
+
+
+def _device_of(spec: list[int] | str) -> str:
+    return "cpu" if spec == "cpu" else "cuda"
+
+
+def prepare_model(cfg: TrainConfig, run_dir: Path) -> str:
+    """The checkpoint every service loads: the configured one, or a tiny random one written once
+    per run directory (rollout and learner must start from identical base weights)."""
+    if cfg.actor.model.model_path:
+        return cfg.actor.model.model_path
+    path = run_dir / "tiny_model"
+    if not (path / "config.json").exists():
+        from vla_rl.models import tiny_config
+        from vla_rl.models.tiny import write_tiny_checkpoint
+
+        model = cfg.actor.model
+        parallel = model.model_type == "openvla_oft"
+        config = tiny_config(
+            decoding="parallel" if parallel else "autoregressive",
+            action_chunk=model.num_action_chunks if parallel else 1,
+        )
+        write_tiny_checkpoint(path, config, seed=cfg.runner.seed)
+    return str(path)
+
+
+def start_buffer(cfg: TrainConfig, launch: Launch) -> str:
+    """A buffer URL: the configured one, a local redis-server, or a served in-memory store."""
+    if cfg.buffer.url:
+        return cfg.buffer.url
+    redis_bin = shutil.which("redis-server")
+    if cfg.buffer.backend == "redis" or (cfg.buffer.backend == "auto" and redis_bin):
+        if redis_bin is None:
+            raise SystemExit("buffer.backend is redis but no redis-server is installed")
+        port = free_port()
+        data = launch.run_dir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        launch.start(
+            "redis",
+            [redis_bin, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
+             "--appendonly", "yes", "--save", "", "--maxmemory-policy", "noeviction"],
+        )  # fmt: skip
+        url = f"redis://127.0.0.1:{port}/0"
+        _wait_redis(url)
+        return url
+    from vla_rl.buffer.memory import serve_memory_buffer
+
+    launch.memory_server = serve_memory_buffer()
+    return launch.memory_server.url
+
+
+def _wait_redis(url: str, timeout_s: float = 20.0) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if client.ping():
+                return
+        except redis.ConnectionError:
+            time.sleep(0.1)
+    raise SystemExit(f"redis-server at {url} did not answer")
+
+
+def _resume_iteration(cfg: TrainConfig) -> int:
+    latest = Path(cfg.actor.checkpoint_dir) / "latest"
+    if not latest.exists():
+        return 0
+    state = latest.parent / latest.read_text().strip() / "state.json"
+    return int(json.loads(state.read_text())["iteration"])
+
+
+def train(config_path: str | None, overrides: list[str], num_gpus: int | None = None) -> int:
+    cfg = load_config(config_path, overrides)  # every config error surfaces before any start
+    if num_gpus is None:
+        import torch
+
+        num_gpus = torch.cuda.device_count()
+    placement = cfg.cluster.resolve(num_gpus)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    launch = Launch(run_dir)
+    from vla_rl.rpc.client import wait_for_health
+
+    try:
+        model_path = prepare_model(cfg, run_dir)
+        cfg.actor.model.model_path = model_path
+        cfg.buffer.url = start_buffer(cfg, launch)
+        py = sys.executable
+        if not cfg.rollout.addresses:
+            rollout_gpus = placement["rollout"]
+            for r in range(cfg.rollout.replicas):
+                port = free_port()
+                gpus = (
+                    rollout_gpus if rollout_gpus == "cpu" else [rollout_gpus[r % len(rollout_gpus)]]
+                )
+                launch.start(
+                    f"rollout{r}",
+                    [py, "-m", "services.rollout_server.main", "--checkpoint", model_path,
+                     "--engine", cfg.rollout.engine, "--port", str(port),
+                     "--device", _device_of(gpus), "--precision", cfg.rollout.precision,
+                     "--max-batch-size", str(cfg.rollout.max_batch_size),
+                     "--max-wait-ms", str(cfg.rollout.max_wait_ms),
+                     "--gpu-memory-utilization", str(cfg.rollout.gpu_memory_utilization)]
+                    + (["--unnorm-key", cfg.actor.model.unnorm_key]
+                       if cfg.actor.model.unnorm_key else []),
+                    gpus=gpus,
+                    target=f"127.0.0.1:{port}",
+                )  # fmt: skip
+            cfg.rollout.addresses = [
+                c.target for c in launch.children if c.name.startswith("rollout")
+            ]
+        env_servers = []
+        for s in range(cfg.env.train.num_servers):
+            port = free_port()
+            env_servers.append(
+                launch.start(
+                    f"env{s}",
+                    [
+                        py,
+                        "-m",
+                        "services.env_server.main",
+                        "--port",
+                        str(port),
+                        "--server-id",
+                        f"env{s}",
+                    ],
+                    gpus=placement["env"],
+                    target=f"127.0.0.1:{port}",
+                )  # fmt: skip
+            )
+        resolved = run_dir / "config.yaml"
+        dump_yaml(cfg, resolved)
+        learner_port = free_port()
+        for child in launch.children:
+            if child.target:
+                wait_for_health(child.target, timeout_s=300)
+                launch.check_alive()
+        start_iteration = _resume_iteration(cfg)
+        learner = launch.start(
+            "learner",
+            [py, "-m", "services.learner.main", "--config", str(resolved),
+             "--port", str(learner_port), "--device", _device_of(placement["actor"])],
+            gpus=placement["actor"],
+            to_console=True,
+        )  # fmt: skip
+        _start_collection(cfg, env_servers, start_iteration)
+        print(
+            f"vla-rl train: {cfg.runner.max_epochs} iterations of {cfg.algorithm.adv_type.upper()}"
+            f" on {cfg.env.train.task_ids} ({cfg.env.train.total_num_envs} envs, "
+            f"{cfg.rollout.engine} engine); logs in {run_dir}",
+            flush=True,
+        )
+        while learner.proc.poll() is None:
+            time.sleep(1.0)
+            launch.check_alive()
+            _check_collection(env_servers)
+        code = learner.proc.returncode
+        if code == 0:
+            print(f"done: TensorBoard logs in {run_dir / 'tensorboard'}, "
+                  f"checkpoints in {cfg.actor.checkpoint_dir}", flush=True)  # fmt: skip
+        return code
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping every service", flush=True)
+        return 130
+    finally:
+        launch.stop()
+
+
+def _check_collection(servers: list[Child]) -> None:
+    """A collection that failed inside an env server (e.g. a broken task) ends the run."""
+    from vla_rl.rpc.client import DEFAULT_DEADLINE_S, make_channel
+    from vla_rl.rpc.gen.v1 import env_pb2, env_pb2_grpc
+
+    for child in servers:
+        with make_channel(child.target) as channel:
+            status = env_pb2_grpc.EnvServiceStub(channel).GetStatus(
+                env_pb2.GetStatusRequest(), timeout=DEFAULT_DEADLINE_S["status"]
+            )
+        if status.state == "failed":
+            raise RuntimeError(f"{child.name} collection failed: {status.error}")
+
+
+def _start_collection(cfg: TrainConfig, servers: list[Child], start_iteration: int) -> None:
+    from vla_rl.rpc.client import DEFAULT_DEADLINE_S, make_channel
+    from vla_rl.rpc.gen.v1 import env_pb2, env_pb2_grpc
+
+    train = cfg.env.train
+    per_server = train.total_num_envs // train.num_servers
+    for i, child in enumerate(servers):
+        with make_channel(child.target) as channel:
+            env_pb2_grpc.EnvServiceStub(channel).StartCollection(
+                env_pb2.StartCollectionRequest(
+                    run_id=cfg.runner.logger.experiment_name,
+                    task_ids=list(train.task_ids),
+                    num_envs=per_server,
+                    sim_backend=train.sim_backend,
+                    pipeline_stage_num=cfg.rollout.pipeline_stage_num,
+                    group_size=cfg.algorithm.group_size,
+                    max_episode_steps=train.max_episode_steps,
+                    steps_per_segment=train.max_steps_per_rollout_epoch,
+                    rollout_target=cfg.rollout.addresses[i % len(cfg.rollout.addresses)],
+                    buffer_url=cfg.buffer.url,
+                    stream=cfg.buffer.stream,
+                    buffer_maxlen=cfg.buffer.maxlen or 0,
+                    seed=train.seed + 100_000 * i,
+                    max_staleness=cfg.algorithm.max_staleness,
+                    start_version=start_iteration,
+                    iterations=cfg.runner.max_epochs - start_iteration,
+                    temperature=cfg.rollout.sampling_params.temperature_train,
+                    reward_mode=train.reward_mode,
+                    control_mode=train.control_mode or "",
+                    task_modules=list(train.task_modules),
+                    image_size=train.image_size,
+                ),
+                timeout=DEFAULT_DEADLINE_S["collection"],
+            )
