@@ -248,6 +248,8 @@ def train(config_path: str | None, overrides: list[str], num_gpus: int | None = 
             launch.check_alive()
             _check_collection(env_servers)
         code = learner.proc.returncode
+        summary = run_summary(cfg, env_servers)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if code == 0:
             print(f"done: TensorBoard logs in {run_dir / 'tensorboard'}, "
                   f"checkpoints in {cfg.actor.checkpoint_dir}", flush=True)  # fmt: skip
@@ -257,6 +259,54 @@ def train(config_path: str | None, overrides: list[str], num_gpus: int | None = 
         return 130
     finally:
         launch.stop()
+
+
+def run_summary(cfg: TrainConfig, env_servers: list[Child]) -> dict:
+    """The services' final state, read before they stop: what each rollout replica serves, what
+    the env servers wrote and what the buffer holds (for the user, and for the e2e tests)."""
+    from vla_rl.rpc.client import DEFAULT_DEADLINE_S, make_channel
+    from vla_rl.rpc.gen.v1 import env_pb2, env_pb2_grpc
+    from vla_rl.rpc.rollout_client import RolloutClient
+
+    summary: dict = {"rollout": [], "env": [], "buffer": {}}
+    for target in cfg.rollout.addresses:
+        client = RolloutClient(target)
+        try:
+            info = client.policy()
+            summary["rollout"].append(
+                {"target": target, "policy_version": info.policy_version,
+                 "engine": info.engine, "adapter_sha256": info.adapter_sha256}
+            )  # fmt: skip
+        finally:
+            client.close()
+    for child in env_servers:
+        with make_channel(child.target) as channel:
+            status = env_pb2_grpc.EnvServiceStub(channel).GetStatus(
+                env_pb2.GetStatusRequest(), timeout=DEFAULT_DEADLINE_S["status"]
+            )
+        summary["env"].append(
+            {"name": child.name, "state": status.state, "segments_written": status.segments_written,
+             "env_steps": status.env_steps, "episodes": status.episodes}
+        )  # fmt: skip
+    from vla_rl.buffer import from_url
+
+    buffer = from_url(cfg.buffer.url, stream=cfg.buffer.stream, group=cfg.buffer.group)
+    try:
+        summary["buffer"] = {
+            "url": cfg.buffer.url,
+            "length": buffer.length(),
+            "pending": buffer.pending(),
+            "dead_letters": buffer.dead_letters(),
+        }
+    finally:
+        buffer.close()
+    if cfg.buffer.url.startswith("redis"):
+        import redis
+
+        client = redis.Redis.from_url(cfg.buffer.url)
+        summary["buffer"]["acked_segments"] = int(client.scard(f"{cfg.buffer.stream}:acked"))
+        client.close()
+    return summary
 
 
 def _check_collection(servers: list[Child]) -> None:

@@ -197,6 +197,7 @@ class Learner:
                 "time/publish_s": t4 - t3,
                 "rollout/policy_version": float(self.policy_version),
                 "rollout/stale_segments_dropped": float(self.stale_dropped),
+                "rollout/num_segments": float(len(segments)),
             }
         )
         self.last_metrics = metrics
