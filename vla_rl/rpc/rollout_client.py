@@ -17,6 +17,14 @@ from vla_rl.rpc.tensors import from_tensor, to_tensor
 ADAPTER_CHUNK_BYTES = 1 << 20
 
 
+class RolloutError(RuntimeError):
+    """An Act call that failed; carries the gRPC status code name and the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"rollout service answered {code.name}: {details}")
+        self.code = code
+
+
 @dataclass
 class Actions:
     action_tokens: np.ndarray  # int64 [B, K]
@@ -79,6 +87,8 @@ class RolloutClient:
         def done(c: grpc.Future) -> None:
             try:
                 out.set_result(decode_act_reply(c.result()))
+            except grpc.RpcError as e:
+                out.set_exception(RolloutError(e.code(), e.details()))
             except Exception as e:  # noqa: BLE001 - handed to whoever waits on the future
                 out.set_exception(e)
 

@@ -8,12 +8,15 @@ The same function serves PPO (GAE advantages, value loss) and GRPO (group advant
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from vla_rl.algorithms import entropy_bonus, explained_variance, get_policy_loss, value_loss
 from vla_rl.models import OpenVLAPolicy, PromptBatch, aggregate_logprobs
+
+from .distributed import all_reduce_sums, clip_grad_norm, data_parallel
 
 
 @dataclass
@@ -119,9 +122,15 @@ def ppo_update(
     generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """Run cfg.update_epochs x cfg.num_mini_batches optimizer steps; returns averaged metrics
-    keyed by RLinf's TensorBoard names (without the `train/` prefix)."""
+    keyed by RLinf's TensorBoard names (without the `train/` prefix).
+
+    Data-parallel when `policy` is sharded (`distributed.shard_policy`): every rank passes the
+    same batch and a generator in the same state, so all ranks draw the same mini-batches; rank r
+    of W runs micro-batches r, r + W, ... of each mini-batch. The optimizer step and the metrics
+    then equal the single-process update's, up to the order of float sums.
+    """
     policy.train()
-    device = policy.device
+    dp = data_parallel(policy)
     n = len(batch)
     adv = batch.advantages.float()
     valid = torch.ones(n, dtype=torch.bool) if batch.mask is None else batch.mask.bool()
@@ -129,7 +138,6 @@ def ppo_update(
         mean, std = adv[valid].mean(), adv[valid].std()
         adv = torch.where(valid, (adv - mean) / (std + 1e-8), torch.zeros_like(adv))
     batch = TrainBatch(**{**batch.__dict__, "advantages": adv, "mask": valid})
-    policy_loss_fn = get_policy_loss("ppo")
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
 
@@ -147,43 +155,22 @@ def ppo_update(
             mini = order[m * mini_size : (m + 1) * mini_size if m < cfg.num_mini_batches - 1 else n]
             n_valid = max(int(valid[mini].sum()), 1)
             optimizer.zero_grad(set_to_none=True)
-            for start in range(0, len(mini), cfg.micro_batch_size):
-                micro = batch.select(mini[start : start + cfg.micro_batch_size])
-                mask = micro.mask.to(device)
-                pv = policy.pixel_values(micro.images)
-                logp, entropy, values = policy.evaluate_actions(
-                    pv, micro.prompts, micro.action_tokens, temperature=cfg.temperature
-                )
-                logp = _level(logp, policy, cfg.logprob_level)
-                old = _level(micro.old_logprobs.to(device), policy, cfg.logprob_level)
-                a = micro.advantages.to(device).unsqueeze(-1)
-                pg_loss, pg_metrics = policy_loss_fn(
-                    logp, old, a, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.dual_clip_c,
-                    mask=mask.unsqueeze(-1).expand_as(logp),
-                )  # fmt: skip
-                ent = entropy_bonus(entropy, mask.unsqueeze(-1).expand_as(entropy))
-                loss = pg_loss - cfg.entropy_coef * ent
-                if cfg.value_coef > 0:
-                    v_loss, v_metrics = value_loss(
-                        values, micro.old_values.to(device), micro.returns.to(device),
-                        cfg.value_clip, cfg.huber_delta, mask=mask,
-                    )  # fmt: skip
-                    loss = loss + cfg.value_coef * v_loss
-                    record("critic/value_loss", v_loss)
-                    record("critic/value_clip_ratio", v_metrics["value_clip_ratio"])
-                    record(
-                        "critic/explained_variance",
-                        explained_variance(values.detach(), micro.returns.to(device), mask),
-                    )
-                # Scale so that the accumulated gradient is the mean over the mini-batch.
-                (loss * (int(mask.sum()) / n_valid)).backward()
-                record("actor/policy_loss", pg_loss)
-                record("actor/approx_kl", pg_metrics["approx_kl"])
-                record("actor/clip_fraction", pg_metrics["clip_fraction"])
-                record("actor/clipped_ratio", pg_metrics["clipped_ratio"])
-                record("entropy_loss", ent)
-                record("loss", loss)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            starts = list(range(0, len(mini), cfg.micro_batch_size))
+            mine = starts[dp.rank :: dp.world_size]
+            # Every rank runs as many forward/backward passes as the busiest one, or the FSDP
+            # collectives would not pair up; the spare passes carry zero weight.
+            for i in range(-(-len(starts) // dp.world_size)):
+                if i < len(mine):
+                    micro = batch.select(mini[mine[i] : mine[i] + cfg.micro_batch_size])
+                    loss = _micro_loss(policy, micro, cfg, record)
+                    weight = int(micro.mask.sum()) / n_valid
+                else:
+                    loss = _micro_loss(policy, batch.select(mini[:1]), cfg, None)
+                    weight = 0.0
+                # The accumulated gradient is the mean over the mini-batch's valid decisions;
+                # FSDP averages over ranks, hence the factor world_size.
+                (loss * (weight * dp.world_size)).backward()
+            grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
             record("actor/grad_norm", grad_norm)
             if torch.isfinite(grad_norm):
                 optimizer.step()
@@ -191,4 +178,51 @@ def ppo_update(
                 optimizer.zero_grad(set_to_none=True)
     record("actor/lr", optimizer.param_groups[0]["lr"])
     policy.eval()
-    return {k: sums[k] / counts[k] for k in sums}
+    total, count = all_reduce_sums(sums, counts, dp)
+    return {k: total[k] / count[k] for k in total}
+
+
+def _micro_loss(
+    policy: OpenVLAPolicy,
+    micro: TrainBatch,
+    cfg: PPOUpdateConfig,
+    record: Callable[[str, object], None] | None,
+) -> torch.Tensor:
+    """The PPO loss of one micro-batch (masked means over its valid decisions); records its
+    metrics unless `record` is None."""
+    device = policy.device
+    mask = micro.mask.to(device)
+    pv = policy.pixel_values(micro.images)
+    logp, entropy, values = policy.evaluate_actions(
+        pv, micro.prompts, micro.action_tokens, temperature=cfg.temperature
+    )
+    logp = _level(logp, policy, cfg.logprob_level)
+    old = _level(micro.old_logprobs.to(device), policy, cfg.logprob_level)
+    a = micro.advantages.to(device).unsqueeze(-1)
+    pg_loss, pg_metrics = get_policy_loss("ppo")(
+        logp, old, a, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.dual_clip_c,
+        mask=mask.unsqueeze(-1).expand_as(logp),
+    )  # fmt: skip
+    ent = entropy_bonus(entropy, mask.unsqueeze(-1).expand_as(entropy))
+    loss = pg_loss - cfg.entropy_coef * ent
+    if cfg.value_coef > 0:
+        v_loss, v_metrics = value_loss(
+            values, micro.old_values.to(device), micro.returns.to(device),
+            cfg.value_clip, cfg.huber_delta, mask=mask,
+        )  # fmt: skip
+        loss = loss + cfg.value_coef * v_loss
+        if record is not None:
+            record("critic/value_loss", v_loss)
+            record("critic/value_clip_ratio", v_metrics["value_clip_ratio"])
+            record(
+                "critic/explained_variance",
+                explained_variance(values.detach(), micro.returns.to(device), mask),
+            )
+    if record is not None:
+        record("actor/policy_loss", pg_loss)
+        record("actor/approx_kl", pg_metrics["approx_kl"])
+        record("actor/clip_fraction", pg_metrics["clip_fraction"])
+        record("actor/clipped_ratio", pg_metrics["clipped_ratio"])
+        record("entropy_loss", ent)
+        record("loss", loss)
+    return loss

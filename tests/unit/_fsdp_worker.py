@@ -1,0 +1,113 @@
+"""Worker of test_fsdp: one PPO update of the tiny LoRA policy, FSDP2-sharded over the ranks of
+`torchrun`; rank 0 writes what the test compares with the unsharded single-process update.
+
+    torchrun --nproc_per_node 2 tests/unit/_fsdp_worker.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # run as a script by torchrun
+    sys.path.insert(0, str(REPO))
+
+from vla_rl.models import PromptTokenizer, tiny_config  # noqa: E402
+from vla_rl.models.lora import LoRASettings, apply_lora  # noqa: E402
+from vla_rl.models.tiny import build_tiny_policy, build_tiny_tokenizer  # noqa: E402
+from vla_rl.training import distributed  # noqa: E402
+from vla_rl.training.update import (  # noqa: E402
+    PPOUpdateConfig,
+    TrainBatch,
+    make_optimizer,
+    ppo_update,
+)
+
+N = 11  # mini-batches of 5 and 6 -> 3 micro-batches of <= 2 each: ranks get 2 and 1 (+1 spare)
+UPDATE = PPOUpdateConfig(
+    update_epochs=2, num_mini_batches=2, micro_batch_size=2, entropy_coef=0.01, max_grad_norm=0.5
+)
+SEED = 7
+INSTRUCTIONS = [
+    "pick up the red cube",
+    "push the cube left",
+    "stack the red cube on the green cube",
+    "open the drawer",
+]
+
+
+def build_policy():
+    """The tiny policy with LoRA on vision, projector and LLM (same weights on every call)."""
+    return apply_lora(build_tiny_policy(tiny_config(), seed=0), LoRASettings(rank=4, alpha=8))
+
+
+def build_batch() -> TrainBatch:
+    """Random images, instructions, action tokens and scores, and an uneven mask."""
+    g = torch.Generator().manual_seed(SEED)
+    cfg = tiny_config()
+    prompts = PromptTokenizer(build_tiny_tokenizer())([INSTRUCTIONS[i % 4] for i in range(N)])
+    k = cfg.tokens_per_step
+    return TrainBatch(
+        images=torch.randint(0, 256, (N, 224, 224, 3), dtype=torch.uint8, generator=g),
+        prompts=prompts,
+        action_tokens=torch.randint(cfg.action_vocab_start, cfg.action_vocab_end, (N, k), generator=g),
+        old_logprobs=-5.5 + 0.3 * torch.randn(N, k, generator=g),
+        advantages=torch.randn(N, generator=g),
+        returns=torch.randn(N, generator=g),
+        old_values=0.1 * torch.randn(N, generator=g),
+        mask=torch.tensor([1, 1, 0, 1, 1, 1, 0, 1, 1, 0, 1], dtype=torch.bool),
+    )
+
+
+def run_update(policy, batch: TrainBatch):
+    """The learner's sequence: optimizer over the (sharded) policy, one ppo_update, the adapter."""
+    optimizer = make_optimizer(policy, lr=1e-3, value_lr=1e-2)
+    metrics = ppo_update(policy, optimizer, batch, UPDATE, torch.Generator().manual_seed(SEED))
+    return optimizer, metrics, distributed.serialize_adapter_distributed(policy, version=1)
+
+
+@torch.no_grad()
+def probe(policy, batch: TrainBatch) -> dict[str, torch.Tensor]:
+    """Outputs of the methods the learner calls outside ppo_update (the no-grad recompute)."""
+    sub = batch.select(torch.arange(3))
+    pv = policy.pixel_values(sub.images)
+    logp, _, values = policy.evaluate_actions(pv, sub.prompts, sub.action_tokens)
+    out = policy.generate(pv, sub.prompts, greedy=True)
+    return {"logp": logp, "values": values, "greedy_tokens": out.action_tokens}
+
+
+def main(out_dir: Path) -> None:
+    torch.set_num_threads(1)
+    info = distributed.init_distributed()
+    policy = distributed.shard_policy(build_policy())
+    batch = distributed.broadcast_object(build_batch() if info.is_main else None)
+    before = distributed.serialize_adapter_distributed(policy, version=0)
+    probes = probe(policy, batch)
+    optimizer, metrics, blob = run_update(policy, batch)
+    opt_state = distributed.optimizer_state(policy, optimizer)
+    # Round trips through the shards: the adapter and the optimizer state load back unchanged.
+    distributed.load_adapter_distributed(policy, before)
+    restored = distributed.serialize_adapter_distributed(policy, version=0)
+    distributed.load_optimizer_state(policy, optimizer, opt_state if info.is_main else {})
+    opt_again = distributed.optimizer_state(policy, optimizer)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "adapter.safetensors").write_bytes(blob)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics))
+        torch.save(
+            {"probes": probes, "optimizer": opt_state, "optimizer_again": opt_again},
+            out_dir / "state.pt",
+        )
+        (out_dir / "checks.json").write_text(
+            json.dumps({"adapter_round_trip": restored == before, "world_size": info.world_size})
+        )
+    distributed.barrier()
+    distributed.cleanup()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,261 @@
+"""Data-parallel training with torch.distributed: FSDP2 sharding of the policy, and the few
+collectives the learner needs around it (the batch from rank 0, the adapter as full tensors).
+
+Every helper is a no-op in a single process, so the learner calls the same functions either way.
+Under `torchrun --nproc_per_node W` every rank builds the same policy, applies LoRA, calls
+`shard_policy`, then builds its optimizer over the (now sharded) parameters.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.experimental import implicit_replication
+
+from vla_rl.models import OpenVLAPolicy
+from vla_rl.models.lora import load_adapter, serialize_adapter, trainable_state
+
+T = TypeVar("T")
+
+# Methods of OpenVLAPolicy that the learner calls instead of forward(); FSDP must gather the
+# root unit's parameters around them as it does around forward().
+_FORWARD_METHODS = ("forward_actions", "generate")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(backend: str = "auto") -> DistInfo:
+    """Join the process group that torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK).
+
+    `backend="auto"` picks nccl where CUDA is present and gloo otherwise; on CUDA each rank uses
+    the GPU of its LOCAL_RANK. Without torchrun (or with one process) nothing is initialised.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"backend must be auto, nccl or gloo, got {backend!r}")
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend,
+            rank=rank,
+            world_size=world_size,
+            device_id=device if backend == "nccl" else None,
+        )
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process): the rank that talks to Redis and the replicas."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """`obj` from rank `src` on every rank (pickled; fine for a batch of segments)."""
+    if world_size() == 1:
+        return obj
+    box = [obj if rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------ sharding
+def _fsdp_units(policy: OpenVLAPolicy) -> list[nn.Module]:
+    """The modules that get their own FSDP unit, innermost first (the root comes last).
+
+    Transformer blocks are the units of compute; the LLM embedding and head are the largest
+    single matrices (vocab x hidden) and are called directly by the policy, so they are units of
+    their own. What is left (patch embeddings, norms, value head) lives in the root unit.
+    """
+    units: list[nn.Module] = []
+    for tower in (policy.vision_backbone.featurizer, policy.vision_backbone.fused_featurizer):
+        units += list(tower.blocks)
+    units.append(policy.projector)
+    lm = policy.language_model
+    units += list(lm.model.layers)
+    embed, head = lm.get_input_embeddings(), lm.lm_head
+    if head.weight is not embed.weight:  # tied weights must stay in one unit (the root)
+        units += [embed, head]
+    return units
+
+
+def shard_policy(policy: OpenVLAPolicy, device_mesh: DeviceMesh | None = None) -> OpenVLAPolicy:
+    """Shard the policy with FSDP2 over all ranks (in place; returns it). No-op in one process.
+
+    Apply LoRA before (the adapter parameters must exist) and build the optimizer after (it
+    must hold the sharded parameters). Frozen base weights and trainable LoRA weights share
+    units: FSDP2 all-gathers both and reduce-scatters only the gradients that exist.
+    """
+    if device_mesh is None:
+        if world_size() == 1:
+            return policy
+        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        device_mesh = init_device_mesh(device_type, (world_size(),))
+    if device_mesh.ndim != 1:
+        raise ValueError("shard_policy supports a 1-D (data-parallel) device mesh")
+    for module in _fsdp_units(policy):
+        fully_shard(module, mesh=device_mesh)
+    fully_shard(policy, mesh=device_mesh)
+    for name in _FORWARD_METHODS:
+        register_fsdp_forward_method(policy, name)
+    return policy
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """The data-parallel group a policy is sharded over (rank 0 of 1 when it is not)."""
+
+    rank: int = 0
+    world_size: int = 1
+    group: dist.ProcessGroup | None = None
+
+
+def data_parallel(policy: nn.Module) -> DataParallel:
+    """Read the data-parallel group off a policy sharded by `shard_policy`."""
+    if not isinstance(policy, FSDPModule):
+        return DataParallel()
+    mesh = next(p.device_mesh for p in policy.parameters() if isinstance(p, DTensor))
+    return DataParallel(mesh.get_local_rank(), mesh.size(), mesh.get_group())
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` that also takes sharded (DTensor) gradients: the norm is
+    the global one over all shards, returned as a plain tensor equal on every rank."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+def all_reduce_sums(
+    sums: dict[str, float], counts: dict[str, int], dp: DataParallel
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Add metric sums and counts over the ranks (ranks may have recorded different keys)."""
+    if dp.world_size == 1:
+        return dict(sums), dict(counts)
+    gathered: list[Any] = [None] * dp.world_size
+    dist.all_gather_object(gathered, (dict(sums), dict(counts)), group=dp.group)
+    total_sums: dict[str, float] = {}
+    total_counts: dict[str, int] = {}
+    for s, c in gathered:
+        for k, v in s.items():
+            total_sums[k] = total_sums.get(k, 0.0) + v
+            total_counts[k] = total_counts.get(k, 0) + c[k]
+    return total_sums, total_counts
+
+
+# ------------------------------------------------------------------------------ the adapter
+def full_trainable_state(policy: nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA and value-head tensors as plain, full, contiguous CPU tensors, by parameter name.
+
+    A collective when the policy is sharded: every rank must call it (every rank gets the full
+    tensors; they are adapter-sized).
+    """
+    out = {}
+    for name, t in trainable_state(policy).items():
+        if isinstance(t, DTensor):
+            t = t.full_tensor()
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+class _GatheredAdapter:
+    """What `serialize_adapter` reads from a model (names + tensors, config, LoRA settings),
+    with the sharded parameters replaced by their full tensors."""
+
+    def __init__(self, policy: OpenVLAPolicy) -> None:
+        self._state = full_trainable_state(policy)
+        self.config = policy.config
+        self.lora_settings = policy.lora_settings
+
+    def named_parameters(self):
+        return iter(self._state.items())
+
+
+def serialize_adapter_distributed(policy: OpenVLAPolicy, version: int) -> bytes:
+    """The same bytes `lora.serialize_adapter` gives for the unsharded policy.
+
+    Works sharded or not; when sharded it is a collective (every rank calls it, every rank
+    gets the blob; rank 0 is the one that publishes and checkpoints it).
+    """
+    if not isinstance(policy, FSDPModule):
+        return serialize_adapter(policy, version)
+    return serialize_adapter(_GatheredAdapter(policy), version)  # type: ignore[arg-type]
+
+
+def load_adapter_distributed(policy: OpenVLAPolicy, blob: bytes) -> int:
+    """`lora.load_adapter` for a sharded policy: every rank passes the same blob and keeps its
+    shard of each tensor. Returns the adapter's policy version."""
+    # implicit_replication lets the plain incoming tensors be copied into sharded parameters
+    # (read as replicated, sliced locally; no communication).
+    with implicit_replication():
+        return load_adapter(policy, blob)
+
+
+# ------------------------------------------------------------------------------ optimizer state
+def optimizer_state(policy: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state as full tensors keyed by parameter name (a collective when sharded;
+    complete on rank 0, empty on the others), for a checkpoint that any world size can load."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    sharded = isinstance(policy, FSDPModule)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
+    return get_optimizer_state_dict(policy, optimizer, options=options)
+
+
+def load_optimizer_state(
+    policy: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Load what `optimizer_state` saved. When sharded only rank 0's `state` is read (the
+    others may pass {}); it is broadcast and each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    sharded = isinstance(policy, FSDPModule)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
+    set_optimizer_state_dict(policy, optimizer, state, options=options)
