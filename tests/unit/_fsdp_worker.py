@@ -54,7 +54,9 @@ def build_batch() -> TrainBatch:
     return TrainBatch(
         images=torch.randint(0, 256, (N, 224, 224, 3), dtype=torch.uint8, generator=g),
         prompts=prompts,
-        action_tokens=torch.randint(cfg.action_vocab_start, cfg.action_vocab_end, (N, k), generator=g),
+        action_tokens=torch.randint(
+            cfg.action_vocab_start, cfg.action_vocab_end, (N, k), generator=g
+        ),
         old_logprobs=-5.5 + 0.3 * torch.randn(N, k, generator=g),
         advantages=torch.randn(N, generator=g),
         returns=torch.randn(N, generator=g),
