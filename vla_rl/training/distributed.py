@@ -139,7 +139,10 @@ def shard_policy(policy: OpenVLAPolicy, device_mesh: DeviceMesh | None = None) -
         raise ValueError("shard_policy supports a 1-D (data-parallel) device mesh")
     for module in _fsdp_units(policy):
         fully_shard(module, mesh=device_mesh)
-    fully_shard(policy, mesh=device_mesh)
+    # FSDP2 keeps the root unit's parameters gathered after forward unless told otherwise; after
+    # a no-grad forward (the learner's recompute) no backward would reshard them, and the module
+    # would go on exposing plain tensors in place of its sharded parameters.
+    fully_shard(policy, mesh=device_mesh, reshard_after_forward=True)
     for name in _FORWARD_METHODS:
         register_fsdp_forward_method(policy, name)
     return policy

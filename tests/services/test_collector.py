@@ -1,0 +1,106 @@
+"""The env server's collection loop against a real rollout server (subprocess, torch engine) and
+real ManiSkill3 envs: segment layout, pipeline stages, GRPO groups and OFT action chunks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.env_server.collector import CollectionConfig, Collector
+from services.env_server.env_pool import EnvPoolConfig
+from tests.helpers.procs import ServiceProcess
+from vla_rl.buffer.memory import MemoryBuffer
+from vla_rl.models import tiny_config
+from vla_rl.models.tiny import write_tiny_checkpoint
+from vla_rl.rpc.rollout_client import RolloutClient
+
+pytestmark = pytest.mark.slow
+
+
+def _rollout(tmp_path_factory, name: str, config):
+    root = tmp_path_factory.mktemp(name)
+    ckpt = write_tiny_checkpoint(root / "ckpt", config, seed=0)
+    proc = ServiceProcess("services.rollout_server.main", ["--checkpoint", str(ckpt)], root, name)
+    proc.wait_healthy()
+    return proc
+
+
+@pytest.fixture(scope="module")
+def openvla_rollout(tmp_path_factory):
+    proc = _rollout(tmp_path_factory, "openvla", tiny_config())
+    client = RolloutClient(proc.target)
+    yield client
+    client.close()
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def oft_rollout(tmp_path_factory):
+    proc = _rollout(tmp_path_factory, "oft", tiny_config(decoding="parallel", action_chunk=2))
+    client = RolloutClient(proc.target)
+    yield client
+    client.close()
+    proc.stop()
+
+
+def _collect(client: RolloutClient, **kw) -> list:
+    pool = EnvPoolConfig(
+        task_ids=kw.pop("task_ids", ["PickCube-v1"]),
+        num_envs=kw.pop("num_envs", 2),
+        max_episode_steps=kw.pop("max_episode_steps", 3),
+        worker_mode="in_process",
+    )
+    config = CollectionConfig(
+        run_id="t", server_id="env0", pool=pool, max_staleness=5, action_chunk=1, **kw
+    )
+    config.action_chunk = int(client.policy().action_chunk)
+    config.__post_init__()
+    buffer = MemoryBuffer(stream=f"s{id(config)}")
+    collector = Collector(
+        config,
+        act=client.act_async,
+        current_version=lambda: int(client.policy().policy_version),
+        buffer=buffer,
+    )
+    stats = collector.run()
+    assert stats.state == "idle", stats.error
+    got = buffer.take(100, timeout_s=1.0)
+    return sorted((r.segment for r in got), key=lambda s: s.segment_id)
+
+
+def test_segments_with_two_pipeline_stages(openvla_rollout):
+    segments = _collect(openvla_rollout, pipeline_stage_num=2, iterations=2)
+    assert [s.segment_id for s in segments] == [
+        "t-env0-0-0",
+        "t-env0-0-1",
+        "t-env0-1-0",
+        "t-env0-1-1",
+    ]
+    for s in segments:
+        assert s.images.shape == (3, 224, 224, 3) and s.action_tokens.shape == (3, 7)
+        assert s.behaviour_logprobs.shape == (3, 7) and (s.behaviour_logprobs < 0).all()
+        assert s.policy_version == 0 and s.group_id == -1
+        # The time limit falls on the segment's last step, where the bootstrap image is the
+        # final observation of the episode (not the auto-reset one).
+        assert s.truncated.tolist() == [False, False, True] or s.terminated.any()
+        assert s.bootstrap_image.shape == (224, 224, 3)
+        assert [e["episode_len"] for e in s.episodes] == [3] or s.terminated.any()
+    # Different envs and iterations start from different scenes.
+    firsts = [s.images[0] for s in segments]
+    assert not np.array_equal(firsts[0], firsts[1]) and not np.array_equal(firsts[0], firsts[2])
+
+
+def test_grpo_group_members_share_their_start(openvla_rollout):
+    segments = _collect(openvla_rollout, group_size=2, iterations=1, num_envs=4)
+    assert [s.group_id for s in segments] == [0, 0, 1, 1]
+    np.testing.assert_array_equal(segments[0].images[0], segments[1].images[0])
+    np.testing.assert_array_equal(segments[2].images[0], segments[3].images[0])
+    assert not np.array_equal(segments[0].images[0], segments[2].images[0])
+
+
+def test_oft_chunks_step_the_env_c_times(oft_rollout):
+    segments = _collect(oft_rollout, iterations=1, num_envs=1, max_episode_steps=4)
+    (s,) = segments
+    assert s.action_tokens.shape == (2, 14)  # 4 env steps = 2 decisions of 2 actions
+    assert s.truncated.tolist() == [False, True] or s.terminated.any()
+    assert [e["episode_len"] for e in s.episodes] == [4] or s.terminated.any()
