@@ -1,16 +1,16 @@
 """Worker of test_fsdp: one PPO update of the tiny LoRA policy, FSDP2-sharded over the ranks of
 `torchrun`; rank 0 writes what the test compares with the unsharded single-process update.
 
-    torchrun --nproc_per_node 2 tests/unit/_fsdp_worker.py OUT_DIR
+    torchrun --nproc_per_node 2 tests/unit/_fsdp_worker.py OUT.pt
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load as st_load
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script by torchrun
@@ -65,9 +65,19 @@ def build_batch() -> TrainBatch:
     )
 
 
-def run_update(policy, batch: TrainBatch):
+OPTIMIZERS = {
+    # Plain SGD: the parameter change is the clipped gradient sum, compared tightly.
+    "sgd": lambda policy: torch.optim.SGD(
+        [p for p in policy.parameters() if p.requires_grad], lr=0.1
+    ),
+    # What the learner uses.
+    "adamw": lambda policy: make_optimizer(policy, lr=1e-3, value_lr=1e-2),
+}
+
+
+def run_update(policy, batch: TrainBatch, optimizer_kind: str):
     """The learner's sequence: optimizer over the (sharded) policy, one ppo_update, the adapter."""
-    optimizer = make_optimizer(policy, lr=1e-3, value_lr=1e-2)
+    optimizer = OPTIMIZERS[optimizer_kind](policy)
     metrics = ppo_update(policy, optimizer, batch, UPDATE, torch.Generator().manual_seed(SEED))
     return optimizer, metrics, distributed.serialize_adapter_distributed(policy, version=1)
 
@@ -82,31 +92,36 @@ def probe(policy, batch: TrainBatch) -> dict[str, torch.Tensor]:
     return {"logp": logp, "values": values, "greedy_tokens": out.action_tokens}
 
 
+def same_tensors(blob_a: bytes, blob_b: bytes) -> bool:
+    """Adapter blobs hold the same tensors (their bytes may differ: safetensors writes the
+    metadata keys in hash order)."""
+    a, b = st_load(blob_a), st_load(blob_b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def main(out_dir: Path) -> None:
     torch.set_num_threads(1)
     info = distributed.init_distributed()
-    policy = distributed.shard_policy(build_policy())
     batch = distributed.broadcast_object(build_batch() if info.is_main else None)
-    before = distributed.serialize_adapter_distributed(policy, version=0)
-    probes = probe(policy, batch)
-    optimizer, metrics, blob = run_update(policy, batch)
-    opt_state = distributed.optimizer_state(policy, optimizer)
-    # Round trips through the shards: the adapter and the optimizer state load back unchanged.
-    distributed.load_adapter_distributed(policy, before)
-    restored = distributed.serialize_adapter_distributed(policy, version=0)
-    distributed.load_optimizer_state(policy, optimizer, opt_state if info.is_main else {})
-    opt_again = distributed.optimizer_state(policy, optimizer)
+    out: dict[str, object] = {"world": info.world_size}
+    for kind in OPTIMIZERS:
+        policy = distributed.shard_policy(build_policy().to(info.device))
+        before = distributed.serialize_adapter_distributed(policy, version=0)
+        if kind == "adamw":
+            out["probes"] = probe(policy, batch)
+        optimizer, out[f"{kind}/metrics"], out[f"{kind}/adapter"] = run_update(policy, batch, kind)
+        if kind == "adamw":
+            # Round trips through the shards: adapter and optimizer state load back unchanged.
+            out["optimizer"] = distributed.optimizer_state(policy, optimizer)
+            distributed.load_adapter_distributed(policy, before)
+            restored = distributed.serialize_adapter_distributed(policy, version=0)
+            out["adapter_round_trip"] = same_tensors(restored, before)
+            distributed.load_optimizer_state(
+                policy, optimizer, out["optimizer"] if info.is_main else {}
+            )
+            out["optimizer_again"] = distributed.optimizer_state(policy, optimizer)
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "adapter.safetensors").write_bytes(blob)
-        (out_dir / "metrics.json").write_text(json.dumps(metrics))
-        torch.save(
-            {"probes": probes, "optimizer": opt_state, "optimizer_again": opt_again},
-            out_dir / "state.pt",
-        )
-        (out_dir / "checks.json").write_text(
-            json.dumps({"adapter_round_trip": restored == before, "world_size": info.world_size})
-        )
+        torch.save(out, out_dir)
     distributed.barrier()
     distributed.cleanup()
 

@@ -9,16 +9,21 @@ Under `torchrun --nproc_per_node W` every rank builds the same policy, applies L
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.experimental import implicit_replication
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from vla_rl.models import OpenVLAPolicy
 from vla_rl.models.lora import load_adapter, serialize_adapter, trainable_state
@@ -145,6 +150,9 @@ def shard_policy(policy: OpenVLAPolicy, device_mesh: DeviceMesh | None = None) -
     fully_shard(policy, mesh=device_mesh, reshard_after_forward=True)
     for name in _FORWARD_METHODS:
         register_fsdp_forward_method(policy, name)
+    # The policy's outputs are slices of its logits; nothing here writes into them in place,
+    # which is what this warning (once per rank and call site) is about.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPOpenVLAPolicy\)")
     return policy
 
 
@@ -208,45 +216,54 @@ def full_trainable_state(policy: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-class _GatheredAdapter:
-    """What `serialize_adapter` reads from a model (names + tensors, config, LoRA settings),
-    with the sharded parameters replaced by their full tensors."""
+class _AdapterView:
+    """What `lora.serialize_adapter` / `lora.load_adapter` read from a model (parameter names and
+    tensors, config, LoRA settings), with the sharded adapter tensors gathered to full ones."""
 
     def __init__(self, policy: OpenVLAPolicy) -> None:
-        self._state = full_trainable_state(policy)
+        self.state = full_trainable_state(policy)
         self.config = policy.config
         self.lora_settings = policy.lora_settings
 
     def named_parameters(self):
-        return iter(self._state.items())
+        return iter(self.state.items())
 
 
 def serialize_adapter_distributed(policy: OpenVLAPolicy, version: int) -> bytes:
-    """The same bytes `lora.serialize_adapter` gives for the unsharded policy.
+    """What `lora.serialize_adapter` gives for the unsharded policy: the same tensors and
+    metadata (safetensors writes the metadata keys in hash order, so bytes vary between calls).
 
     Works sharded or not; when sharded it is a collective (every rank calls it, every rank
     gets the blob; rank 0 is the one that publishes and checkpoints it).
     """
     if not isinstance(policy, FSDPModule):
         return serialize_adapter(policy, version)
-    return serialize_adapter(_GatheredAdapter(policy), version)  # type: ignore[arg-type]
+    return serialize_adapter(_AdapterView(policy), version)  # type: ignore[arg-type]
 
 
 def load_adapter_distributed(policy: OpenVLAPolicy, blob: bytes) -> int:
     """`lora.load_adapter` for a sharded policy: every rank passes the same blob and keeps its
-    shard of each tensor. Returns the adapter's policy version."""
-    # implicit_replication lets the plain incoming tensors be copied into sharded parameters
-    # (read as replicated, sliced locally; no communication).
-    with implicit_replication():
+    shard of each tensor; a bad blob raises on every rank and changes nothing. Returns the
+    adapter's policy version."""
+    if not isinstance(policy, FSDPModule):
         return load_adapter(policy, blob)
+    # load_adapter checks the blob and copies it into full tensors; each rank then takes its
+    # shard of them (DTensor's in-place copy_ cannot reshard uneven shards itself).
+    view = _AdapterView(policy)
+    version = load_adapter(view, blob)  # type: ignore[arg-type]
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if name in view.state and isinstance(p, DTensor):
+                full = view.state[name].to(device=p.device, dtype=p.dtype)
+                p.copy_(distribute_tensor(full, p.device_mesh, p.placements))
+    return version
 
 
 # ------------------------------------------------------------------------------ optimizer state
 def optimizer_state(policy: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer state as full tensors keyed by parameter name (a collective when sharded;
-    complete on rank 0, empty on the others), for a checkpoint that any world size can load."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
+    complete on rank 0, empty on the others), for a checkpoint that any world size can load.
+    Unsharded it holds references to the live state: save it before the next step."""
     sharded = isinstance(policy, FSDPModule)
     options = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
     return get_optimizer_state_dict(policy, optimizer, options=options)
@@ -257,8 +274,8 @@ def load_optimizer_state(
 ) -> None:
     """Load what `optimizer_state` saved. When sharded only rank 0's `state` is read (the
     others may pass {}); it is broadcast and each rank keeps its shard."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
     sharded = isinstance(policy, FSDPModule)
+    if sharded and not broadcast_object(bool(state.get("state"))):
+        return  # nothing to load (no step taken yet, or a stateless optimizer)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
     set_optimizer_state_dict(policy, optimizer, state, options=options)
