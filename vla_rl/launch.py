@@ -229,10 +229,16 @@ def train(config_path: str | None, overrides: list[str], num_gpus: int | None = 
                 wait_for_health(child.target, timeout_s=300)
                 launch.check_alive()
         start_iteration = _resume_iteration(cfg)
+        world = cfg.actor_world_size(num_gpus)
+        learner_cmd = [py, "-m", "services.learner.main"]
+        if world > 1:  # FSDP over `world` processes: gloo on the CPU, NCCL on the actor GPUs
+            learner_cmd = [py, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={world}", "-m", "services.learner.main"]  # fmt: skip
         learner = launch.start(
             "learner",
-            [py, "-m", "services.learner.main", "--config", str(resolved),
-             "--port", str(learner_port), "--device", _device_of(placement["actor"])],
+            learner_cmd
+            + ["--config", str(resolved), "--port", str(learner_port),
+               "--device", _device_of(placement["actor"])],
             gpus=placement["actor"],
             to_console=True,
         )  # fmt: skip

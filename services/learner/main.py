@@ -1,4 +1,5 @@
-"""Entry point: `python -m services.learner.main --config RUN_DIR/config.yaml --port N`.
+"""Entry point: `python -m services.learner.main --config RUN_DIR/config.yaml --port N`, or
+under `torchrun --nproc_per_node W` for FSDP over W processes (gloo on the CPU, NCCL on GPUs).
 
 Reads the run's resolved config (written by `vla-rl train`), trains until runner.max_epochs,
 serves LearnerService status, and stops cleanly on SIGTERM/SIGINT after the current phase.
@@ -25,6 +26,7 @@ from vla_rl.rpc import LEARNER_SERVICE
 from vla_rl.rpc.gen.v1 import learner_pb2, learner_pb2_grpc
 from vla_rl.rpc.rollout_client import RolloutClient
 from vla_rl.rpc.server import add_health_and_reflection, make_server, map_errors
+from vla_rl.training.distributed import cleanup, init_distributed, shard_policy
 from vla_rl.training.update import PPOUpdateConfig, make_optimizer
 
 from .batch import AdvantageConfig
@@ -112,27 +114,35 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     cfg = load_config(args.config, [])
+    info = init_distributed(cfg.actor.fsdp_config.backend)
+    device = info.device if info.world_size > 1 else torch.device(args.device)
     torch.manual_seed(cfg.runner.seed)
     model_path = cfg.actor.model.model_path
     if not model_path:
         raise SystemExit("learner: actor.model.model_path must name a checkpoint directory")
-    policy = load_policy(model_path, dtype=_DTYPES[cfg.actor.model.precision], device=args.device)
+    policy = load_policy(model_path, dtype=_DTYPES[cfg.actor.model.precision], device=device)
     lora = cfg.actor.lora
     apply_lora(policy, LoRASettings(lora.rank, lora.alpha, lora.dropout, list(lora.targets)))
-    policy.to(args.device)
+    policy.to(device)
+    shard_policy(policy)  # FSDP2 units per block; nothing in a single process
     optim = cfg.actor.optim
     optimizer = make_optimizer(
         policy, optim.lr, optim.value_lr, (optim.adam_beta1, optim.adam_beta2), optim.weight_decay
     )
-    buffer = from_url(
-        cfg.buffer.url,
-        stream=cfg.buffer.stream,
-        group=cfg.buffer.group,
-        consumer="learner-0",
-        maxlen=cfg.buffer.maxlen,
-    )
-    publish, clients = make_publisher(list(cfg.rollout.addresses))
-    log_metrics, writers = make_metric_logger(cfg)
+    # Only rank 0 talks to the buffer, the rollout replicas, TensorBoard and status clients.
+    buffer = publish = server = None
+    clients, writers = [], []
+    log_metrics = lambda m, step: None  # noqa: E731
+    if info.is_main:
+        buffer = from_url(
+            cfg.buffer.url,
+            stream=cfg.buffer.stream,
+            group=cfg.buffer.group,
+            consumer="learner-0",
+            maxlen=cfg.buffer.maxlen,
+        )
+        publish, clients = make_publisher(list(cfg.rollout.addresses))
+        log_metrics, writers = make_metric_logger(cfg)
     alg = cfg.algorithm
     learner = Learner(
         policy,
@@ -158,12 +168,13 @@ def main(argv: list[str] | None = None) -> None:
     if learner.resume():
         learner.publish_current()
 
-    server = make_server(max_workers=4)
-    learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(learner), server)
-    add_health_and_reflection(server, [LEARNER_SERVICE])
-    if server.add_insecure_port(f"{args.host}:{args.port}") == 0:
-        raise SystemExit(f"learner: cannot bind {args.host}:{args.port}")
-    server.start()
+    if info.is_main:
+        server = make_server(max_workers=4)
+        learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(learner), server)
+        add_health_and_reflection(server, [LEARNER_SERVICE])
+        if server.add_insecure_port(f"{args.host}:{args.port}") == 0:
+            raise SystemExit(f"learner: cannot bind {args.host}:{args.port}")
+        server.start()
 
     stop = threading.Event()
 
@@ -175,14 +186,24 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(sig, on_signal)
     try:
         learner.run(stop.is_set, print_line=lambda line: print(line, flush=True))
-        log.info("done: iteration %d, policy version %d", learner.iteration, learner.policy_version)
+        if info.is_main:
+            log.info(
+                "done: iteration %d, policy version %d (%d learner process%s)",
+                learner.iteration,
+                learner.policy_version,
+                info.world_size,
+                "" if info.world_size == 1 else "es",
+            )
     finally:
-        server.stop(2.0).wait()
-        buffer.close()
+        if server is not None:
+            server.stop(2.0).wait()
+        if buffer is not None:
+            buffer.close()
         for c in clients:
             c.close()
         for w in writers:
             w.close()
+        cleanup()
 
 
 if __name__ == "__main__":

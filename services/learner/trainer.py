@@ -2,7 +2,9 @@
 advantages), commit (checkpoint), publish adapter v+1 to the rollout replicas, then XACK.
 
 Everything the loop talks to comes in as an object (buffer, adapter publisher, metric logger), so
-it runs the same under `vla-rl train`, in tests and under torchrun.
+it runs the same under `vla-rl train`, in tests and under torchrun. Under torchrun (FSDP) every
+rank runs the batch building, the update and the adapter gathering (collectives); only rank 0
+reads the buffer, writes checkpoints, publishes, acknowledges and logs.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ import torch
 
 from vla_rl.buffer import Received, TrajectoryBuffer
 from vla_rl.models import OpenVLAPolicy, PromptTokenizer
-from vla_rl.models.lora import load_adapter, serialize_adapter
+from vla_rl.training.distributed import (
+    broadcast_object,
+    is_main,
+    load_adapter_distributed,
+    load_optimizer_state,
+    optimizer_state,
+    serialize_adapter_distributed,
+)
 from vla_rl.training.update import PPOUpdateConfig, ppo_update
 
 from .batch import AdvantageConfig, build_train_batch, stack_segments
@@ -82,18 +91,19 @@ class Learner:
         self.last_metrics: dict[str, float] = {}
         self._held: list[Received] = []  # segments of a later iteration (max_staleness > 0)
         self.stale_dropped = 0
+        self.main = is_main()
 
     # -- checkpoints --------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, blob: bytes, optim_state: dict) -> Path:
+        """Write global_step_N/ (rank 0): adapter blob, optimizer state by parameter name (any
+        world size can load it), iteration and version; then point `latest` at it."""
         root = self.loop.checkpoint_dir
         final = root / f"global_step_{self.iteration}"
         tmp = root / f".tmp_global_step_{self.iteration}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        (tmp / "adapter.safetensors").write_bytes(
-            serialize_adapter(self.policy, self.policy_version)
-        )
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "adapter.safetensors").write_bytes(blob)
+        torch.save(optim_state, tmp / "optimizer.pt")
         state = {"iteration": self.iteration, "policy_version": self.policy_version}
         (tmp / "state.json").write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
@@ -108,23 +118,33 @@ class Learner:
         return final
 
     def resume(self) -> bool:
-        """Load the latest checkpoint, if any; returns whether one was found."""
+        """Load the latest checkpoint, if any (all ranks); returns whether one was found."""
+        payload = None
         latest = self.loop.checkpoint_dir / "latest"
-        if not latest.exists():
+        if self.main and latest.exists():
+            path = self.loop.checkpoint_dir / latest.read_text().strip()
+            payload = (
+                json.loads((path / "state.json").read_text()),
+                (path / "adapter.safetensors").read_bytes(),
+            )
+            optim = torch.load(path / "optimizer.pt", weights_only=True)
+            log.info("resuming from %s", path)
+        payload = broadcast_object(payload)
+        if payload is None:
             return False
-        path = self.loop.checkpoint_dir / latest.read_text().strip()
-        state = json.loads((path / "state.json").read_text())
-        load_adapter(self.policy, (path / "adapter.safetensors").read_bytes())
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        state, blob = payload
+        load_adapter_distributed(self.policy, blob)
+        load_optimizer_state(self.policy, self.optimizer, optim if self.main else {})
         self.iteration = int(state["iteration"])
         self.policy_version = int(state["policy_version"])
-        log.info("resumed from %s (iteration %d)", path, self.iteration)
         return True
 
     def publish_current(self) -> None:
         """Send the current adapter to every replica (at start-up after a resume)."""
         if self.policy_version > 0:
-            self.publish(serialize_adapter(self.policy, self.policy_version), self.policy_version)
+            blob = serialize_adapter_distributed(self.policy, self.policy_version)
+            if self.main:
+                self.publish(blob, self.policy_version)
 
     # -- one iteration ------------------------------------------------------------------------
     def gather(self, stop: Callable[[], bool] = lambda: False) -> list[Received] | None:
@@ -178,13 +198,18 @@ class Learner:
         self.iteration += 1
         self.policy_version += 1
         self.phase = "checkpointing"
-        if self.iteration % self.loop.save_interval == 0 or (
+        blob = serialize_adapter_distributed(self.policy, self.policy_version)  # collective
+        save = self.iteration % self.loop.save_interval == 0 or (
             self.iteration >= self.loop.max_iterations
-        ):
-            self.save_checkpoint()
+        )
+        optim = optimizer_state(self.policy, self.optimizer) if save else None  # collective
+        if not self.main:
+            return metrics
+        if save:
+            self.save_checkpoint(blob, optim)
         t3 = time.monotonic()
         self.phase = "publishing"
-        self.publish(serialize_adapter(self.policy, self.policy_version), self.policy_version)
+        self.publish(blob, self.policy_version)
         t4 = time.monotonic()
         self.buffer.ack([r.entry_id for r in received])
         metrics.update(stats)
@@ -206,14 +231,21 @@ class Learner:
         return metrics
 
     def run(self, stop: Callable[[], bool] = lambda: False, print_line=print) -> None:
-        while self.iteration < self.loop.max_iterations and not stop():
+        """Train until max_iterations or until `stop()` (read on rank 0, which tells the others
+        by broadcasting None instead of the segments)."""
+        while self.iteration < self.loop.max_iterations:
             self.phase = "collecting"
             t0 = time.monotonic()
-            received = self.gather(stop)
+            received = None
+            if self.main and not stop():
+                received = self.gather(stop)
+            received = broadcast_object(received)
             if received is None:
                 break
             wait = time.monotonic() - t0
             metrics = self.train_iteration(received)
+            if not self.main:
+                continue
             metrics["time/collect_wait_s"] = wait
             metrics["time/iteration_s"] = time.monotonic() - t0
             self.log_metrics(
