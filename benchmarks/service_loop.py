@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -57,7 +58,11 @@ def rollout_actions_per_s(ckpt: Path, batch: int, repeats: int, tmp: Path) -> di
     for _ in range(repeats):
         engine.act(images, texts)
     local = batch * repeats / (time.perf_counter() - t0)
-    proc = ServiceProcess("services.rollout_server.main", ["--checkpoint", str(ckpt)], tmp, "bench")
+    # The server gets as many torch threads as the in-process baseline.
+    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = ServiceProcess(
+        "services.rollout_server.main", ["--checkpoint", str(ckpt)], tmp, "bench", env=threads
+    )
     try:
         proc.wait_healthy()
         client = RolloutClient(proc.target)

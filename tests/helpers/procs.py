@@ -23,11 +23,19 @@ def free_port() -> int:
 class ServiceProcess:
     """`python -m MODULE ARGS --port N` with its log in a file; stop() sends SIGTERM."""
 
-    def __init__(self, module: str, args: list[str], log_dir: Path, name: str) -> None:
+    def __init__(
+        self,
+        module: str,
+        args: list[str],
+        log_dir: Path,
+        name: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = log_dir / f"{name}.log"
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        # One torch thread by default: tests run several services on 2 cores.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, *args, "--port", str(self.port)],
