@@ -90,19 +90,44 @@ def make_publisher(targets: list[str]):
 
 
 def make_metric_logger(cfg: TrainConfig):
+    """TensorBoard and/or W&B, per runner.logger.logger_backends. W&B follows its own settings
+    (WANDB_MODE=offline writes the run under <run_dir>/wandb without a network)."""
     writers = []
-    if "tensorboard" in cfg.runner.logger.logger_backends:
+    runs = []
+    backends = cfg.runner.logger.logger_backends
+    if "tensorboard" in backends:
         from torch.utils.tensorboard import SummaryWriter
 
         writers.append(SummaryWriter(os.path.join(cfg.run_dir, "tensorboard")))
+    if "wandb" in backends:
+        import wandb
+
+        from vla_rl.config import to_dict
+
+        runs.append(
+            wandb.init(
+                project=cfg.runner.logger.project_name,
+                name=cfg.runner.logger.experiment_name,
+                dir=cfg.run_dir,
+                config=to_dict(cfg),
+            )
+        )
 
     def log_metrics(metrics: dict[str, float], step: int) -> None:
         for w in writers:
             for key, value in metrics.items():
                 w.add_scalar(key, value, step)
             w.flush()
+        for run in runs:
+            run.log(dict(metrics), step=step)
 
-    return log_metrics, writers
+    def close() -> None:
+        for w in writers:
+            w.close()
+        for run in runs:
+            run.finish()
+
+    return log_metrics, close
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,8 +156,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     # Only rank 0 talks to the buffer, the rollout replicas, TensorBoard and status clients.
     buffer = publish = server = None
-    clients, writers = [], []
+    clients = []
     log_metrics = lambda m, step: None  # noqa: E731
+    close_loggers = lambda: None  # noqa: E731
     if info.is_main:
         buffer = from_url(
             cfg.buffer.url,
@@ -142,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             maxlen=cfg.buffer.maxlen,
         )
         publish, clients = make_publisher(list(cfg.rollout.addresses))
-        log_metrics, writers = make_metric_logger(cfg)
+        log_metrics, close_loggers = make_metric_logger(cfg)
     alg = cfg.algorithm
     learner = Learner(
         policy,
@@ -201,8 +227,7 @@ def main(argv: list[str] | None = None) -> None:
             buffer.close()
         for c in clients:
             c.close()
-        for w in writers:
-            w.close()
+        close_loggers()
         cleanup()
 
 

@@ -155,3 +155,23 @@ def test_push_adapter_switches_version_and_refuses_bad_ones(client, server):
     with pytest.raises(grpc.RpcError) as err:
         client.push_adapter(blob, before + 1)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_act_stream_replies_in_order(client):
+    images = _images(3, seed=2)
+    requests = [
+        rollout_pb2.ActRequest(
+            request_id=f"r{i}",
+            images=to_tensor(images[i : i + 1]),
+            instructions=["push the cube"],
+            greedy=True,
+        )
+        for i in range(3)
+    ]
+    replies = list(client.stub.ActStream(iter(requests), timeout=60))
+    assert [r.request_id for r in replies] == ["r0", "r1", "r2"]
+    unary = client.act(images, ["push the cube"] * 3, greedy=True)
+    from vla_rl.rpc.rollout_client import decode_act_reply
+
+    streamed = np.concatenate([decode_act_reply(r).action_tokens for r in replies])
+    np.testing.assert_array_equal(streamed, unary.action_tokens)
