@@ -254,6 +254,8 @@ def train(config_path: str | None, overrides: list[str], num_gpus: int | None = 
             launch.check_alive()
             _check_collection(env_servers)
         code = learner.proc.returncode
+        if code == 0 and (cfg.runner.val_check_interval > 0 or cfg.env.eval.video_cfg.save_video):
+            run_evaluation(cfg, env_servers[0].target)
         summary = run_summary(cfg, env_servers)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if code == 0:
@@ -265,6 +267,39 @@ def train(config_path: str | None, overrides: list[str], num_gpus: int | None = 
         return 130
     finally:
         launch.stop()
+
+
+def run_evaluation(cfg: TrainConfig, env_target: str) -> dict[str, float]:
+    """Evaluation episodes of the final policy (env.eval), logged under eval/* and as videos."""
+    from vla_rl.evaluation import evaluate
+
+    ev = cfg.env.eval
+    video_dir = ev.video_cfg.video_base_dir if ev.video_cfg.save_video else None
+    temperature = cfg.rollout.sampling_params.temperature_eval
+    result = evaluate(
+        env_target,
+        cfg.rollout.addresses[0],
+        list(ev.task_ids),
+        episodes=ev.total_num_envs,
+        max_steps=ev.max_episode_steps,
+        seed=ev.seed,
+        video_dir=video_dir,
+        info_on_video=ev.video_cfg.info_on_video,
+        temperature=temperature if temperature > 0 else None,
+    )
+    metrics = result.metrics()
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(Path(cfg.run_dir) / "tensorboard")) as writer:
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, cfg.runner.max_epochs)
+    (Path(cfg.run_dir) / "eval.json").write_text(json.dumps(result.episodes, indent=2))
+    print(
+        f"eval: success {metrics['eval/success_once']:.2f} over {len(result.episodes)} episodes"
+        + (f", videos in {video_dir}" if video_dir else ""),
+        flush=True,
+    )
+    return metrics
 
 
 def run_summary(cfg: TrainConfig, env_servers: list[Child]) -> dict:

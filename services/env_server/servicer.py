@@ -66,8 +66,9 @@ def collection_config(req: env_pb2.StartCollectionRequest, server_id: str) -> Co
 
 
 class _Session:
-    def __init__(self, pool: EnvPool) -> None:
+    def __init__(self, pool: EnvPool, task_id: str) -> None:
         self.pool = pool
+        self.task_id = task_id
         self.lock = threading.Lock()
         self.last_used = time.monotonic()
 
@@ -179,15 +180,25 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
         resolve_task(request.task_id)
         with self._lock:
             self._expire_sessions()
-            if len(self._sessions) >= MAX_SESSIONS:
+            session = self._sessions.get(request.session_id) if request.session_id else None
+            if session is not None and session.task_id != request.task_id:
+                self._sessions.pop(request.session_id).pool.close()
+                session = None
+            if session is None and len(self._sessions) >= MAX_SESSIONS:
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_SESSIONS} eval sessions"
                 )
-        pool = EnvPool(EnvPoolConfig(task_ids=[request.task_id], num_envs=1, seed=request.seed))
-        obs = pool.reset([int(request.seed)])
-        sid = uuid.uuid4().hex
-        with self._lock:
-            self._sessions[sid] = _Session(pool)
+        if session is None:
+            pool = EnvPool(EnvPoolConfig(task_ids=[request.task_id], num_envs=1, seed=request.seed))
+            session = _Session(pool, request.task_id)
+            sid = uuid.uuid4().hex
+            with self._lock:
+                self._sessions[sid] = session
+        else:
+            sid = request.session_id
+        with session.lock:
+            session.last_used = time.monotonic()
+            obs = session.pool.reset([int(request.seed)])
         return env_pb2.ResetReply(
             session_id=sid, image=to_tensor(obs.images[0]), instruction=obs.instructions[0]
         )

@@ -105,8 +105,27 @@ def _check_run(run_dir: Path, stdout: str, expected_tags: list[str]) -> None:
 
 @pytest.mark.slow
 def test_ppo_two_iterations_torch_engine(tmp_path):
-    run_dir, stdout = _train(tmp_path, ["runner.logger.experiment_name=ppo_torch"])
-    _check_run(run_dir, stdout, ACTOR + CRITIC)
+    run_dir, stdout = _train(
+        tmp_path,
+        [
+            "runner.logger.experiment_name=ppo_torch",
+            "env.eval.video_cfg.save_video=true",
+            "env.eval.total_num_envs=2",
+            "env.eval.max_episode_steps=4",
+        ],
+    )
+    _check_run(run_dir, stdout, ACTOR + CRITIC + ["eval/success_once", "eval/episode_len"])
+    # Evaluation of the final policy through EnvService sessions, one video per episode.
+    episodes = json.loads((run_dir / "eval.json").read_text())
+    assert [e["policy_version"] for e in episodes] == [2, 2]
+    assert all(e["episode_len"] == 4 or e["success_once"] for e in episodes)
+    import cv2
+
+    frames = 0
+    capture = cv2.VideoCapture(episodes[0]["video"])
+    while capture.read()[0]:
+        frames += 1
+    assert frames == episodes[0]["episode_len"] + 1  # the reset frame and one per step
 
 
 @pytest.mark.slow

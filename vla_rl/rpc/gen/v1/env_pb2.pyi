@@ -82,12 +82,14 @@ class CollectionStatus(_message.Message):
     def __init__(self, state: _Optional[str] = ..., run_id: _Optional[str] = ..., segments_written: _Optional[int] = ..., env_steps: _Optional[int] = ..., episodes: _Optional[int] = ..., policy_version: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ResetRequest(_message.Message):
-    __slots__ = ("task_id", "seed")
+    __slots__ = ("task_id", "seed", "session_id")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     seed: int
-    def __init__(self, task_id: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+    session_id: str
+    def __init__(self, task_id: _Optional[str] = ..., seed: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class ResetReply(_message.Message):
     __slots__ = ("session_id", "image", "instruction")
