@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="PPO/GRPO on a built-in visual task with a tiny VLA (CPU)")
     demo.add_argument("--algorithm", choices=["ppo", "grpo"], default="ppo")
-    demo.add_argument("--model", choices=["openvla", "openvlaoft"], default="openvla")
+    demo.add_argument("--model", choices=["openvla", "openvlaoft"], default="openvlaoft")
     demo.add_argument("--iterations", type=int, default=100)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--target-success", type=float, default=0.95,

@@ -27,15 +27,19 @@ class DemoConfig:
     algorithm: str = "ppo"
     """'ppo' (GAE with a value head) or 'grpo' (group-relative advantages, no critic)."""
     decoding: str = "autoregressive"
-    """'autoregressive' (OpenVLA) or 'parallel' (OpenVLA-OFT, chunk of 2 actions)."""
+    """'autoregressive' (OpenVLA) or 'parallel' (OpenVLA-OFT)."""
     iterations: int = 60
     """Rollout + update iterations."""
     batch_size: int = 32
     """Decisions per iteration."""
-    group_size: int = 8
+    group_size: int = 4
     """GRPO: rollouts per distinct start."""
-    lr: float = 3e-3
-    """AdamW learning rate for the LoRA adapters."""
+    lr: float = 1e-3
+    """AdamW learning rate for the LoRA adapters (3e-3 is unstable on this task)."""
+    update_epochs: int = 4
+    """PPO epochs over each iteration's batch."""
+    action_chunk: int = 1
+    """OFT: actions per chunk (the task scores the first)."""
     value_lr: float = 1e-2
     """AdamW learning rate for the value head."""
     lora_rank: int = 8
@@ -75,7 +79,7 @@ class DemoResult:
 
 def run_demo(cfg: DemoConfig, log=print) -> DemoResult:
     torch.manual_seed(cfg.seed)
-    chunk = 2 if cfg.decoding == "parallel" else 1
+    chunk = cfg.action_chunk if cfg.decoding == "parallel" else 1
     policy = build_tiny_policy(tiny_config(decoding=cfg.decoding, action_chunk=chunk), cfg.seed)
     apply_lora(policy, LoRASettings(rank=cfg.lora_rank, alpha=2 * cfg.lora_rank))
     optimizer = make_optimizer(policy, cfg.lr, cfg.value_lr)
@@ -84,9 +88,9 @@ def run_demo(cfg: DemoConfig, log=print) -> DemoResult:
     task = ColourBandit(seed=cfg.seed)
     grpo = cfg.algorithm == "grpo"
     update_cfg = PPOUpdateConfig(
-        update_epochs=2,
+        update_epochs=cfg.update_epochs,
         num_mini_batches=2,
-        micro_batch_size=16,
+        micro_batch_size=32,
         value_coef=0.0 if grpo else 0.5,
         normalize_advantages=not grpo,
         value_clip=None,
