@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -11,20 +10,16 @@ from pathlib import Path
 import pytest
 import redis
 
+from vla_rl.launch import free_port
+
 _START_TIMEOUT_S = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:
     """A redis-server child process without persistence, in its own directory."""
 
     def __init__(self, executable: str, directory: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.log_path = directory / "redis.log"
         self._log = open(self.log_path, "wb")  # closed in stop()
