@@ -3,19 +3,27 @@
 A worker thread takes the first waiting request, then gathers more with the same sampling
 settings until `max_batch_size` observations or `max_wait_ms` have passed, runs the engine once
 and hands each caller its rows. Requests with a seed run alone so their samples are reproducible.
+
+Read-only statistics: `batch_sizes` (observations per engine call, the latest 1024) and
+`most_requests_merged` (the most requests one engine call has served), which is also logged each
+time it grows, so a server's log shows whether concurrent callers really share forwards.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .engines.base import Engine, EngineOutput
+
+log = logging.getLogger("vla_rl.rollout_server")
 
 
 @dataclass
@@ -42,7 +50,9 @@ class DynamicBatcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._held: list[_Request] = []  # taken from the queue but not batchable with the last one
-        self.batch_sizes: list[int] = []  # observations per engine call (for metrics and tests)
+        # Observations per engine call, the latest ones (for metrics and tests).
+        self.batch_sizes: deque[int] = deque(maxlen=1024)
+        self.most_requests_merged = 0  # the most requests one engine call has served
         self._thread = threading.Thread(target=self._run, name="dynamic-batcher", daemon=True)
         self._stopped = False
         self._thread.start()
@@ -132,6 +142,14 @@ class DynamicBatcher:
                 req.future.set_exception(e)
             return
         self.batch_sizes.append(len(instructions))
+        if len(batch) > self.most_requests_merged:
+            self.most_requests_merged = len(batch)
+            # Before the results: once a caller has its reply, the line is in the log.
+            log.info(
+                "dynamic batching: %d requests (%d observations) in one engine call, the most so far",
+                len(batch),
+                len(instructions),
+            )
         start = 0
         for req in batch:
             n = len(req.instructions)

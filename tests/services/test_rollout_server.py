@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -82,7 +83,14 @@ def test_greedy_matches_the_local_policy(client, server):
     np.testing.assert_array_equal(out.action_tokens, local.action_tokens.numpy())
 
 
-def test_concurrent_calls_are_batched(client):
+def _most_requests_merged(log_path) -> int:
+    """The most requests one engine call served, as the server's batcher logs it (0: none yet)."""
+    found = re.findall(r"dynamic batching: (\d+) requests", log_path.read_text(errors="replace"))
+    return max(map(int, found), default=0)
+
+
+def test_concurrent_calls_are_batched(client, server):
+    proc, _ = server
     images = _images(4, seed=1)
     with ThreadPoolExecutor(8) as pool:
         futures = [
@@ -93,6 +101,9 @@ def test_concurrent_calls_are_batched(client):
     # Each caller gets its own row back: equal images give equal greedy tokens.
     for i, out in enumerate(outs):
         np.testing.assert_array_equal(out.action_tokens, outs[i % 4].action_tokens)
+    # The calls shared engine forwards: one engine call served several of these one-observation
+    # requests (the other tests of this module send their requests one at a time).
+    assert _most_requests_merged(proc.log_path) > 1, proc.log()
 
 
 @pytest.mark.parametrize(

@@ -185,11 +185,39 @@ def save_policy(model: OpenVLAPolicy, path: str | Path, tokenizer=None) -> Path:
 
 
 def load_tokenizer(path: str | Path):
-    """The checkpoint's own tokenizer (Llama's for real OpenVLA checkpoints)."""
-    from transformers import AutoTokenizer
+    """The checkpoint's own tokenizer (Llama's for real OpenVLA checkpoints).
+
+    The class is the one `tokenizer_config.json` names (`LlamaTokenizer` in released OpenVLA
+    checkpoints, which ship `tokenizer.json` and/or `tokenizer.model`); without a name, the fast
+    tokenizer in `tokenizer.json`. Not `AutoTokenizer`: it first reads config.json through
+    AutoConfig, and transformers knows no model type `openvla`, so it falls back to a generic config
+    and warns that the checkpoint may not fit. An `auto_map` in the file is ignored: no remote code.
+    """
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    cfg_file = path / "tokenizer_config.json"
+    class_name = None
+    if cfg_file.is_file():
+        try:
+            class_name = json.loads(cfg_file.read_text()).get("tokenizer_class")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise CheckpointError(f"{cfg_file}: unreadable ({e})") from e
+    if class_name:
+        # Also resolves names written before transformers 5, e.g. "LlamaTokenizerFast".
+        tokenizer_cls = tokenizer_class_from_name(class_name)
+        if tokenizer_cls is None:
+            raise CheckpointError(f"{cfg_file}: unknown tokenizer_class {class_name!r}")
+    elif (path / "tokenizer.json").is_file():
+        tokenizer_cls = PreTrainedTokenizerFast
+    else:
+        raise CheckpointError(
+            f"{path}: no tokenizer (tokenizer_config.json naming its class, or tokenizer.json)"
+        )
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return tokenizer_cls.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot load the tokenizer ({e})") from e
