@@ -43,14 +43,24 @@ def _tiny_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from vla_rl.config import ConfigError
-    from vla_rl.launch import train
+    from vla_rl.config import ConfigError, dump_yaml, load_config
 
     try:
+        if args.print_config:
+            print(dump_yaml(load_config(args.config, args.overrides)), end="")
+            return 0
+        from vla_rl.launch import train
+
         return train(args.config, args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+
+
+def _config_help() -> str:
+    from vla_rl.config import describe_config
+
+    return "config keys (in the YAML file, or as key=value overrides):\n\n" + describe_config()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,9 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     train = sub.add_parser(
-        "train", help="train through the real services (env servers, rollout, Redis, learner)"
+        "train",
+        help="train through the real services (env servers, rollout, Redis, learner)",
+        description="Train through the real services (env servers, rollout, Redis, learner).\n"
+        "The config is a YAML file (default: the tiny CPU run) with dotted key=value overrides\n"
+        "on top; a value may refer to another key as ${section.key}.",
+        epilog=_config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("--config", default=None, help="YAML config (default: the tiny CPU run)")
+    train.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config as YAML and exit without starting anything",
+    )
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. runner.max_epochs=4")
     train.set_defaults(func=_train)
 

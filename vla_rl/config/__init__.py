@@ -1,6 +1,8 @@
 """The training config: dataclasses per component (RLinf's sections and names), YAML loading with
-dotted overrides, and device placement."""
+dotted overrides and `${key}` interpolation, help text from the field docstrings, and device
+placement."""
 
+from .docs import describe_config, field_docs
 from .errors import ConfigError
 from .loader import dump_yaml, load_config, parse_override, tiny_cpu_default, to_dict
 from .placement import COMPONENTS, parse_placement, resolve_placement
@@ -42,7 +44,9 @@ __all__ = [
     "SamplingParams",
     "TrainConfig",
     "VideoConfig",
+    "describe_config",
     "dump_yaml",
+    "field_docs",
     "load_config",
     "parse_override",
     "parse_placement",

@@ -3,10 +3,22 @@
 Every key is checked against the dataclasses before anything is built: an unknown key anywhere is
 one error naming its full dotted path (with a close match when there is one), a value of the
 wrong type names the key and the type it should have.
+
+Values may refer to other keys, OmegaConf-style: a string `${section.key}` is replaced by the
+value at that absolute dotted path, once `defaults:` are composed, overrides applied and RLinf
+spellings rewritten, and before the types are checked. A value that is exactly `${a.b}` takes
+the referenced value with its type (a number, a list, a whole section); inside a longer string
+the value is put in as text (`${runner.logger.log_path}/ckpt`). References may chain; a key that
+is not written anywhere resolves to its field's default, or, in a section left out as a whole,
+to that section's default (env.eval's own seed); values `__post_init__` derives later (a null
+such as actor.checkpoint_dir filled in) are not seen. A cycle, or a reference to a key that does
+not exist, is an error naming the key that holds it. `\\${...}` keeps the text literally
+(without the backslash), and `dump_yaml` writes such text that way.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -17,6 +29,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .docs import field_default
 from .errors import ConfigError
 from .schema import TrainConfig
 
@@ -60,6 +73,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     unknown = _unknown_keys(TrainConfig, raw, "")
     if unknown:
         raise _unknown_key_error(unknown, overridden, path)
+    raw = _Interpolation(raw).resolved()
+    unknown = _unknown_keys(TrainConfig, raw, "")  # a whole section may have been put elsewhere
+    if unknown:
+        raise _unknown_key_error(unknown, overridden, path)
     return _build(TrainConfig, raw, "")
 
 
@@ -76,7 +93,7 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
 def dump_yaml(cfg: TrainConfig, path: str | Path | None = None) -> str:
     """The resolved config as YAML (loadable by `load_config`); also written to `path` if given."""
     text = "# Resolved vla-rl config.\n" + yaml.safe_dump(
-        to_dict(cfg), sort_keys=False, default_flow_style=False
+        _escape_references(to_dict(cfg)), sort_keys=False, default_flow_style=False
     )
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +213,143 @@ def _section(raw: dict[str, Any], dotted: str) -> dict[str, Any]:
     for part in dotted.split(".")[:-1]:
         node = node.get(part) if isinstance(node, dict) else None
     return node if isinstance(node, dict) else {}
+
+
+# ------------------------------------------------------------------------------ interpolation
+
+
+# `${a.b.c}`, or `\${a.b.c}` (kept literally, without the backslash).
+_REFERENCE = re.compile(r"(\\?)\$\{([^${}]*)\}")
+
+
+class _Interpolation:
+    """Resolves every `${dotted.key}` in a raw config dict (the dict itself is left as it is)."""
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.raw = raw
+        self.done: dict[str, Any] = {}  # dotted key -> its resolved value
+        self.active: list[str] = []  # keys being resolved, innermost last (to report cycles)
+
+    def resolved(self) -> dict[str, Any]:
+        return self._resolve(self.raw, "")
+
+    def _resolve(self, value: Any, key: str) -> Any:
+        """`value` (found at `key` in the raw dict) with every reference in it resolved."""
+        if key in self.done:
+            return self.done[key]
+        if key in self.active:
+            cycle = " -> ".join([*self.active[self.active.index(key) :], key])
+            raise ConfigError(key, f"interpolation cycle: {cycle}")
+        self.active.append(key)
+        if isinstance(value, str):
+            out = self._string(value, key)
+        elif isinstance(value, dict):
+            out = {k: self._resolve(v, _join(key, k)) for k, v in value.items()}
+        elif isinstance(value, list):
+            out = [self._resolve(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        else:
+            out = value
+        self.active.pop()
+        self.done[key] = out
+        return out
+
+    def _string(self, text: str, key: str) -> Any:
+        whole = _REFERENCE.fullmatch(text)
+        if whole and not whole.group(1):
+            return copy.deepcopy(self._reference(whole.group(2), key))
+
+        def substitute(match: re.Match[str]) -> str:
+            if match.group(1):
+                return match.group(0)[1:]
+            value = self._reference(match.group(2), key)
+            if isinstance(value, dict | list):
+                raise ConfigError(
+                    key,
+                    f"{match.group(0)} is a {'section' if isinstance(value, dict) else 'list'}; "
+                    "it can be a whole value but not part of a string",
+                )
+            return _as_text(value)
+
+        return _REFERENCE.sub(substitute, text)
+
+    def _reference(self, target: str, key: str) -> Any:
+        target = target.strip()
+        parts = target.split(".")
+        if not target or not all(parts):
+            raise ConfigError(
+                key, f"${{{target}}}: expected an absolute dotted key, like ${{algorithm.gamma}}"
+            )
+        found, value, depth = self._lookup(parts)
+        if not found:
+            found, value = _default_at(parts, depth)
+        if not found:
+            raise ConfigError(key, f"${{{target}}} refers to {target!r}, which is not a config key")
+        return value
+
+    def _lookup(self, parts: list[str]) -> tuple[bool, Any, int]:
+        """(found, resolved value, how many leading parts the raw dict holds) of a dotted key."""
+        node: Any = self.raw
+        resolved = False  # whether `node` is already resolved (its strings are plain text)
+        for depth, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                return False, None, depth
+            node = node[part]
+            if not resolved and isinstance(node, str):
+                node, resolved = self._resolve(node, ".".join(parts[: depth + 1])), True
+        return True, node if resolved else self._resolve(node, ".".join(parts)), len(parts)
+
+
+def _default_at(parts: list[str], depth: int) -> tuple[bool, Any]:
+    """The default of a dotted key whose first `depth` parts the raw config holds (as sections).
+
+    A section given in the config is built from its class's field defaults; one left out is its
+    parent's default (e.g. env.eval's own seed), so the walk below follows the loader's build.
+    """
+    cls: Any = TrainConfig
+    for part in parts[:depth]:
+        cls = _section_type(get_type_hints(cls).get(part))
+        if cls is None:
+            return False, None
+    field = _field_map(cls).get(parts[depth])
+    if field is None:
+        return False, None
+    value = field_default(field)
+    if value is dataclasses.MISSING:
+        return False, None
+    for part in parts[depth + 1 :]:
+        if dataclasses.is_dataclass(value) and part in _field_map(type(value)):
+            value = getattr(value, part)
+        elif isinstance(value, dict) and part in value:
+            value = value[part]
+        else:
+            return False, None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return True, dataclasses.asdict(value)
+    return True, copy.deepcopy(value)
+
+
+def _field_map(cls: Any) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+
+
+def _as_text(value: Any) -> str:
+    """A scalar as it reads in YAML, for a reference inside a longer string."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _escape_references(value: Any) -> Any:
+    """`value` with `${` in strings written `\\${`, so that loading it back keeps the text."""
+    if isinstance(value, str):
+        return _REFERENCE.sub(lambda m: "\\" + m.group(0), value)
+    if isinstance(value, dict):
+        return {k: _escape_references(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escape_references(v) for v in value]
+    return value
 
 
 # ------------------------------------------------------------------------------ typed building
