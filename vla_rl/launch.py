@@ -5,6 +5,7 @@ on Ctrl-C. The services are started by module name; nothing here imports them.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,6 +112,7 @@ def prepare_model(cfg: TrainConfig, run_dir: Path) -> str:
         config = tiny_config(
             decoding="parallel" if parallel else "autoregressive",
             action_chunk=model.num_action_chunks if parallel else 1,
+            action_dim=model.action_dim,
         )
         write_tiny_checkpoint(path, config, seed=cfg.runner.seed)
     return str(path)
@@ -154,12 +157,153 @@ def _wait_redis(url: str, timeout_s: float = 20.0) -> None:
     raise SystemExit(f"redis-server at {url} did not answer")
 
 
-def _resume_iteration(cfg: TrainConfig) -> int:
-    latest = Path(cfg.actor.checkpoint_dir) / "latest"
-    if not latest.exists():
-        return 0
-    state = latest.parent / latest.read_text().strip() / "state.json"
-    return int(json.loads(state.read_text())["iteration"])
+@dataclass
+class ProcessPlan:
+    """One service process: its arguments after the Python executable, its GPUs, its address."""
+
+    name: str
+    args: list[str]
+    gpus: list[int] | str = "cpu"
+    target: str = ""
+
+
+@dataclass
+class LaunchPlan:
+    """Everything `vla-rl train` starts and asks, derived from the config by `launch_plan` alone
+    (the one place that maps config keys to service flags and requests)."""
+
+    config: TrainConfig
+    """The resolved config the learner reads (model path, buffer URL, rollout addresses filled)."""
+    rollout: list[ProcessPlan]
+    env: list[ProcessPlan]
+    learner: ProcessPlan
+    collection: list[dict]
+    """StartCollectionRequest fields, one per env server."""
+    evaluation: dict | None
+    """`evaluate` arguments for the final policy; None: no evaluation."""
+
+
+def rollout_server_args(cfg: TrainConfig, model_path: str, port: int, device: str) -> list[str]:
+    """Flags of one rollout server (services/rollout_server/main.py)."""
+    rollout = cfg.rollout
+    args = ["-m", "services.rollout_server.main", "--checkpoint", model_path,
+            "--engine", rollout.engine, "--port", str(port), "--device", device,
+            "--precision", rollout.precision, "--max-batch-size", str(rollout.max_batch_size),
+            "--max-wait-ms", str(rollout.max_wait_ms),
+            "--gpu-memory-utilization", str(rollout.gpu_memory_utilization)]  # fmt: skip
+    if cfg.actor.model.unnorm_key:
+        args += ["--unnorm-key", cfg.actor.model.unnorm_key]
+    return args
+
+
+def collection_request(
+    cfg: TrainConfig, server_index: int, rollout_target: str, start_iteration: int
+) -> dict:
+    """StartCollectionRequest fields for env server `server_index` (env.train)."""
+    train = cfg.env.train
+    return dict(
+        run_id=cfg.runner.logger.experiment_name,
+        task_ids=list(train.task_ids),
+        num_envs=train.total_num_envs // train.num_servers,
+        sim_backend=train.sim_backend,
+        pipeline_stage_num=cfg.rollout.pipeline_stage_num,
+        group_size=cfg.algorithm.group_size,
+        max_episode_steps=train.max_episode_steps,
+        steps_per_segment=train.max_steps_per_rollout_epoch,
+        rollout_target=rollout_target,
+        buffer_url=cfg.buffer.url,
+        stream=cfg.buffer.stream,
+        buffer_maxlen=cfg.buffer.maxlen or 0,
+        seed=train.seed + 100_000 * server_index,
+        max_staleness=cfg.algorithm.max_staleness,
+        start_version=start_iteration,
+        iterations=cfg.runner.max_epochs - start_iteration,
+        temperature=cfg.rollout.sampling_params.temperature_train,
+        reward_mode=train.reward_mode,
+        control_mode=train.control_mode or "",
+        task_modules=list(train.task_modules),
+        image_size=train.image_size,
+    )
+
+
+def evaluation_args(cfg: TrainConfig) -> dict | None:
+    """`vla_rl.evaluation.evaluate` arguments for env.eval, or None when no evaluation runs."""
+    ev = cfg.env.eval
+    if not (cfg.runner.val_check_interval > 0 or ev.video_cfg.save_video):
+        return None
+    temperature = cfg.rollout.sampling_params.temperature_eval
+    return dict(
+        task_ids=list(ev.task_ids),
+        episodes=ev.total_num_envs,
+        max_steps=ev.max_episode_steps,
+        seed=ev.seed,
+        video_dir=ev.video_cfg.video_base_dir if ev.video_cfg.save_video else None,
+        info_on_video=ev.video_cfg.info_on_video,
+        temperature=temperature if temperature > 0 else None,
+    )
+
+
+def launch_plan(
+    cfg: TrainConfig,
+    num_gpus: int,
+    *,
+    model_path: str,
+    buffer_url: str,
+    start_iteration: int = 0,
+    port: Callable[[], int] = free_port,
+) -> LaunchPlan:
+    """The services of one run on this machine, placed per cluster.component_placement."""
+    cfg = copy.deepcopy(cfg)
+    cfg.actor.model.model_path = model_path
+    cfg.buffer.url = buffer_url
+    placement = cfg.cluster.resolve(num_gpus)
+    rollout: list[ProcessPlan] = []
+    if not cfg.rollout.addresses:
+        ranks = placement["rollout"]
+        for r in range(cfg.rollout.replicas):
+            gpus = ranks if ranks == "cpu" else [ranks[r % len(ranks)]]
+            p = port()
+            rollout.append(
+                ProcessPlan(
+                    f"rollout{r}",
+                    rollout_server_args(cfg, model_path, p, _device_of(gpus)),
+                    gpus,
+                    f"127.0.0.1:{p}",
+                )
+            )
+        cfg.rollout.addresses = [r.target for r in rollout]
+    env: list[ProcessPlan] = []
+    for s in range(cfg.env.train.num_servers):
+        p = port()
+        env.append(
+            ProcessPlan(
+                f"env{s}",
+                ["-m", "services.env_server.main", "--port", str(p), "--server-id", f"env{s}"],
+                placement["env"],
+                f"127.0.0.1:{p}",
+            )
+        )
+    resolved = Path(cfg.run_dir) / "config.yaml"
+    learner_args = ["-m", "services.learner.main"]
+    world = cfg.actor_world_size(num_gpus)
+    if world > 1:  # FSDP over `world` processes: gloo on the CPU, NCCL on the actor GPUs
+        learner_args = ["-m", "torch.distributed.run", "--standalone",
+                        f"--nproc_per_node={world}", "-m", "services.learner.main"]  # fmt: skip
+    learner_args += ["--config", str(resolved), "--port", str(port()),
+                     "--device", _device_of(placement["actor"])]  # fmt: skip
+    addresses = cfg.rollout.addresses
+    collection = [
+        collection_request(cfg, i, addresses[i % len(addresses)], start_iteration)
+        for i in range(len(env))
+    ]
+    return LaunchPlan(
+        config=cfg,
+        rollout=rollout,
+        env=env,
+        learner=ProcessPlan("learner", learner_args, placement["actor"]),
+        collection=collection,
+        evaluation=evaluation_args(cfg),
+    )
 
 
 def train(config_path: str | None, overrides: list[str], num_gpus: int | None = None) -> int:
@@ -168,81 +312,37 @@ def train(config_path: str | None, overrides: list[str], num_gpus: int | None = 
         import torch
 
         num_gpus = torch.cuda.device_count()
-    placement = cfg.cluster.resolve(num_gpus)
+    cfg.cluster.resolve(num_gpus)  # a placement this machine cannot satisfy fails here
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     launch = Launch(run_dir)
     from vla_rl.rpc.client import wait_for_health
+    from vla_rl.training.checkpoints import read_state, resume_source
 
     try:
         model_path = prepare_model(cfg, run_dir)
-        cfg.actor.model.model_path = model_path
-        cfg.buffer.url = start_buffer(cfg, launch)
+        resume = resume_source(cfg.actor.checkpoint_dir, cfg.runner.resume_dir)
+        plan = launch_plan(
+            cfg,
+            num_gpus,
+            model_path=model_path,
+            buffer_url=start_buffer(cfg, launch),
+            start_iteration=read_state(resume).iteration if resume else 0,
+        )
+        cfg = plan.config
         py = sys.executable
-        if not cfg.rollout.addresses:
-            rollout_gpus = placement["rollout"]
-            for r in range(cfg.rollout.replicas):
-                port = free_port()
-                gpus = (
-                    rollout_gpus if rollout_gpus == "cpu" else [rollout_gpus[r % len(rollout_gpus)]]
-                )
-                launch.start(
-                    f"rollout{r}",
-                    [py, "-m", "services.rollout_server.main", "--checkpoint", model_path,
-                     "--engine", cfg.rollout.engine, "--port", str(port),
-                     "--device", _device_of(gpus), "--precision", cfg.rollout.precision,
-                     "--max-batch-size", str(cfg.rollout.max_batch_size),
-                     "--max-wait-ms", str(cfg.rollout.max_wait_ms),
-                     "--gpu-memory-utilization", str(cfg.rollout.gpu_memory_utilization)]
-                    + (["--unnorm-key", cfg.actor.model.unnorm_key]
-                       if cfg.actor.model.unnorm_key else []),
-                    gpus=gpus,
-                    target=f"127.0.0.1:{port}",
-                )  # fmt: skip
-            cfg.rollout.addresses = [
-                c.target for c in launch.children if c.name.startswith("rollout")
-            ]
-        env_servers = []
-        for s in range(cfg.env.train.num_servers):
-            port = free_port()
-            env_servers.append(
-                launch.start(
-                    f"env{s}",
-                    [
-                        py,
-                        "-m",
-                        "services.env_server.main",
-                        "--port",
-                        str(port),
-                        "--server-id",
-                        f"env{s}",
-                    ],
-                    gpus=placement["env"],
-                    target=f"127.0.0.1:{port}",
-                )  # fmt: skip
-            )
-        resolved = run_dir / "config.yaml"
-        dump_yaml(cfg, resolved)
-        learner_port = free_port()
+        for proc in plan.rollout + plan.env:
+            launch.start(proc.name, [py, *proc.args], gpus=proc.gpus, target=proc.target)
+        dump_yaml(cfg, run_dir / "config.yaml")
         for child in launch.children:
             if child.target:
                 wait_for_health(child.target, timeout_s=300)
                 launch.check_alive()
-        start_iteration = _resume_iteration(cfg)
-        world = cfg.actor_world_size(num_gpus)
-        learner_cmd = [py, "-m", "services.learner.main"]
-        if world > 1:  # FSDP over `world` processes: gloo on the CPU, NCCL on the actor GPUs
-            learner_cmd = [py, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={world}", "-m", "services.learner.main"]  # fmt: skip
         learner = launch.start(
-            "learner",
-            learner_cmd
-            + ["--config", str(resolved), "--port", str(learner_port),
-               "--device", _device_of(placement["actor"])],
-            gpus=placement["actor"],
-            to_console=True,
-        )  # fmt: skip
-        _start_collection(cfg, env_servers, start_iteration)
+            "learner", [py, *plan.learner.args], gpus=plan.learner.gpus, to_console=True
+        )
+        env_servers = [c for c in launch.children if c.name.startswith("env")]
+        _start_collection(env_servers, plan.collection)
         print(
             f"vla-rl train: {cfg.runner.max_epochs} iterations of {cfg.algorithm.adv_type.upper()}"
             f" on {cfg.env.train.task_ids} ({cfg.env.train.total_num_envs} envs, "
@@ -254,8 +354,8 @@ def train(config_path: str | None, overrides: list[str], num_gpus: int | None = 
             launch.check_alive()
             _check_collection(env_servers)
         code = learner.proc.returncode
-        if code == 0 and (cfg.runner.val_check_interval > 0 or cfg.env.eval.video_cfg.save_video):
-            run_evaluation(cfg, env_servers[0].target)
+        if code == 0 and plan.evaluation is not None:
+            run_evaluation(cfg, plan.evaluation, env_servers[0].target)
         summary = run_summary(cfg, env_servers)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if code == 0:
@@ -269,24 +369,12 @@ def train(config_path: str | None, overrides: list[str], num_gpus: int | None = 
         launch.stop()
 
 
-def run_evaluation(cfg: TrainConfig, env_target: str) -> dict[str, float]:
+def run_evaluation(cfg: TrainConfig, args: dict, env_target: str) -> dict[str, float]:
     """Evaluation episodes of the final policy (env.eval), logged under eval/* and as videos."""
     from vla_rl.evaluation import evaluate
 
-    ev = cfg.env.eval
-    video_dir = ev.video_cfg.video_base_dir if ev.video_cfg.save_video else None
-    temperature = cfg.rollout.sampling_params.temperature_eval
-    result = evaluate(
-        env_target,
-        cfg.rollout.addresses[0],
-        list(ev.task_ids),
-        episodes=ev.total_num_envs,
-        max_steps=ev.max_episode_steps,
-        seed=ev.seed,
-        video_dir=video_dir,
-        info_on_video=ev.video_cfg.info_on_video,
-        temperature=temperature if temperature > 0 else None,
-    )
+    result = evaluate(env_target, cfg.rollout.addresses[0], **args)
+    video_dir = args.get("video_dir")
     metrics = result.metrics()
     from torch.utils.tensorboard import SummaryWriter
 
@@ -338,15 +426,10 @@ def run_summary(cfg: TrainConfig, env_servers: list[Child]) -> dict:
             "length": buffer.length(),
             "pending": buffer.pending(),
             "dead_letters": buffer.dead_letters(),
+            "acked_segments": buffer.acknowledged(),
         }
     finally:
         buffer.close()
-    if cfg.buffer.url.startswith("redis"):
-        import redis
-
-        client = redis.Redis.from_url(cfg.buffer.url)
-        summary["buffer"]["acked_segments"] = int(client.scard(f"{cfg.buffer.stream}:acked"))
-        client.close()
     return summary
 
 
@@ -364,37 +447,13 @@ def _check_collection(servers: list[Child]) -> None:
             raise RuntimeError(f"{child.name} collection failed: {status.error}")
 
 
-def _start_collection(cfg: TrainConfig, servers: list[Child], start_iteration: int) -> None:
+def _start_collection(servers: list[Child], requests: list[dict]) -> None:
     from vla_rl.rpc.client import DEFAULT_DEADLINE_S, make_channel
     from vla_rl.rpc.gen.v1 import env_pb2, env_pb2_grpc
 
-    train = cfg.env.train
-    per_server = train.total_num_envs // train.num_servers
-    for i, child in enumerate(servers):
+    for child, fields in zip(servers, requests, strict=True):
         with make_channel(child.target) as channel:
             env_pb2_grpc.EnvServiceStub(channel).StartCollection(
-                env_pb2.StartCollectionRequest(
-                    run_id=cfg.runner.logger.experiment_name,
-                    task_ids=list(train.task_ids),
-                    num_envs=per_server,
-                    sim_backend=train.sim_backend,
-                    pipeline_stage_num=cfg.rollout.pipeline_stage_num,
-                    group_size=cfg.algorithm.group_size,
-                    max_episode_steps=train.max_episode_steps,
-                    steps_per_segment=train.max_steps_per_rollout_epoch,
-                    rollout_target=cfg.rollout.addresses[i % len(cfg.rollout.addresses)],
-                    buffer_url=cfg.buffer.url,
-                    stream=cfg.buffer.stream,
-                    buffer_maxlen=cfg.buffer.maxlen or 0,
-                    seed=train.seed + 100_000 * i,
-                    max_staleness=cfg.algorithm.max_staleness,
-                    start_version=start_iteration,
-                    iterations=cfg.runner.max_epochs - start_iteration,
-                    temperature=cfg.rollout.sampling_params.temperature_train,
-                    reward_mode=train.reward_mode,
-                    control_mode=train.control_mode or "",
-                    task_modules=list(train.task_modules),
-                    image_size=train.image_size,
-                ),
+                env_pb2.StartCollectionRequest(**fields),
                 timeout=DEFAULT_DEADLINE_S["collection"],
             )

@@ -12,7 +12,8 @@ from vla_rl.algorithms import (
     broadcast_episode_advantages,
     compute_gae,
     compute_grpo_advantages,
-    filter_uniform_groups,
+    episode_loss_weights,
+    filter_groups_by_success,
     next_values_from_segment,
 )
 from vla_rl.buffer import Segment
@@ -118,12 +119,31 @@ def first_episode_mask(terminated: torch.Tensor, truncated: torch.Tensor) -> tor
     return ended_before == 0
 
 
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+
+
 @dataclass
 class AdvantageConfig:
+    """How segments become advantages and loss weights (from the run's `algorithm` section)."""
+
     adv_type: str = "gae"
+    """'gae' or 'grpo'."""
     gamma: float = 0.99
     gae_lambda: float = 0.95
-    filter_uniform_groups: bool = False
+    filter_rewards: bool = False
+    """GRPO: train only on groups whose success rate lies in [rewards_lower_bound,
+    rewards_upper_bound]."""
+    rewards_lower_bound: float = 0.1
+    rewards_upper_bound: float = 0.9
+    loss_agg_func: str = "token-mean"
+    """'token-mean': every valid decision weighs the same; 'seq-mean-token-mean': every episode
+    (piece of a segment) weighs the same, its decisions 1 / its length each."""
+
+    def __post_init__(self) -> None:
+        if self.adv_type not in ("gae", "grpo"):
+            raise ValueError(f"unknown adv_type {self.adv_type!r}")
+        if self.loss_agg_func not in LOSS_AGGREGATIONS:
+            raise ValueError(f"loss_agg_func must be one of {LOSS_AGGREGATIONS}")
 
 
 def build_train_batch(
@@ -135,6 +155,11 @@ def build_train_batch(
     micro_batch_size: int,
 ) -> tuple[TrainBatch, dict[str, float]]:
     """Flatten [T, N] decisions into a TrainBatch with recomputed old log-probs and values."""
+    if seg.truncated[:-1].any():
+        # The bootstrap below reads V of the next step after a mid-segment cut, which would be
+        # the next episode's first observation. Segments are checked when decoded; this guards
+        # batches built by hand.
+        raise ValueError("a segment is truncated before its last step; cannot bootstrap it")
     T, N = seg.shape
     flat_images = seg.images.reshape(T * N, *seg.images.shape[2:])
     flat_prompts = prompts_of([text for step in seg.instructions for text in step])
@@ -144,6 +169,7 @@ def build_train_batch(
     )
     values = old_values.view(T, N)
     mask = torch.ones(T, N, dtype=torch.bool)
+    stats: dict[str, float] = {}
     if adv_cfg.adv_type == "gae":
         _, last_value = recompute_old(
             policy,
@@ -153,8 +179,8 @@ def build_train_batch(
             temperature,
             micro_batch_size,
         )
-        # A time-limit cut inside a segment reads the value of the step after it (the collector
-        # aligns the time limit with the segment's end, where the bootstrap image is the real one).
+        # Truncation only ever happens on a segment's last step (the collector aligns the time
+        # limit with the segment's end), where the bootstrap image is the real final one.
         final_values = torch.cat([values[1:], last_value[None]])
         next_values = next_values_from_segment(values, final_values, last_value, seg.truncated)
         adv, returns = compute_gae(
@@ -166,29 +192,35 @@ def build_train_batch(
             adv_cfg.gamma,
             adv_cfg.gae_lambda,
         )
-    elif adv_cfg.adv_type == "grpo":
+    else:
         mask = first_episode_mask(seg.terminated, seg.truncated)
-        scores = (seg.rewards * mask).sum(0)
+        scores = torch.where(mask, seg.rewards, torch.zeros_like(seg.rewards)).sum(0)
         episode_adv = compute_grpo_advantages(scores, seg.group_ids)
-        if adv_cfg.filter_uniform_groups:
+        if adv_cfg.filter_rewards:
             success = (seg.success & mask).any(0)
-            keep = filter_uniform_groups(success, seg.group_ids)
+            keep = filter_groups_by_success(
+                success, seg.group_ids, adv_cfg.rewards_lower_bound, adv_cfg.rewards_upper_bound
+            )
             mask &= keep[None]
+            stats["rollout/groups_kept_fraction"] = float(keep.float().mean())
         adv = broadcast_episode_advantages(episode_adv, mask)
         returns = adv.clone()
+    if adv_cfg.loss_agg_func == "seq-mean-token-mean":
+        weights = episode_loss_weights(seg.terminated, seg.truncated, mask)
     else:
-        raise ValueError(f"unknown adv_type {adv_cfg.adv_type!r}")
+        weights = mask.float()
     flat_mask = mask.reshape(-1)
     valid_adv = adv.reshape(-1)[flat_mask]
-    stats = {
-        "rollout/advantages_max": float(valid_adv.max()) if valid_adv.numel() else 0.0,
-        "rollout/advantages_mean": float(valid_adv.mean()) if valid_adv.numel() else 0.0,
-        "rollout/advantages_min": float(valid_adv.min()) if valid_adv.numel() else 0.0,
-        "rollout/rewards": float(seg.rewards.mean()),
-        "rollout/logprob_mismatch": float(
-            (seg.behaviour_logprobs.reshape(T * N, -1) - old_logp).abs().mean()
-        ),
-    }
+    behaviour = seg.behaviour_logprobs.reshape(T * N, -1)
+    stats.update(
+        {
+            "rollout/advantages_max": float(valid_adv.max()) if valid_adv.numel() else 0.0,
+            "rollout/advantages_mean": float(valid_adv.mean()) if valid_adv.numel() else 0.0,
+            "rollout/advantages_min": float(valid_adv.min()) if valid_adv.numel() else 0.0,
+            "rollout/rewards": float(seg.rewards.mean()),
+            "rollout/logprob_mismatch": float((behaviour - old_logp).abs().mean()),
+        }
+    )
     batch = TrainBatch(
         images=flat_images,
         prompts=flat_prompts,
@@ -198,5 +230,7 @@ def build_train_batch(
         returns=returns.reshape(-1),
         old_values=old_values,
         mask=flat_mask,
+        loss_weights=weights.reshape(-1),
+        behaviour_logprobs=behaviour,
     )
     return batch, stats

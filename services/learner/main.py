@@ -14,12 +14,13 @@ import os
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from vla_rl.buffer import from_url
-from vla_rl.config import TrainConfig, load_config
+from vla_rl.config import TrainConfig, load_config, to_dict
 from vla_rl.models import PromptTokenizer, load_policy, load_tokenizer
 from vla_rl.models.lora import LoRASettings, apply_lora
 from vla_rl.rpc import LEARNER_SERVICE
@@ -55,8 +56,110 @@ def update_config(cfg: TrainConfig) -> PPOUpdateConfig:
         max_grad_norm=actor.optim.clip_grad,
         logprob_level=alg.logprob_type.removesuffix("_level"),
         temperature=cfg.rollout.sampling_params.temperature_train,
-        normalize_advantages=alg.normalize_advantages,
+        normalize_advantages=bool(alg.normalize_advantages),
+        entropy_level=alg.entropy_type.removesuffix("_level"),
+        decoupled=alg.max_staleness > 0,
+        behaviour_weight_cap=alg.behaviour_weight_cap,
+        kl_estimator=alg.kl_estimator,
     )
+
+
+@dataclass
+class LearnerPlan:
+    """Everything the learner builds from the run's config, in one place (and comparable, so a
+    test can prove that every config key changes something)."""
+
+    model_path: str | None
+    precision: str
+    model_type: str
+    action_dim: int
+    num_action_chunks: int
+    gradient_checkpointing: bool
+    reshard_after_forward: bool
+    dist_backend: str
+    lora: LoRASettings
+    optimizer: dict
+    update: PPOUpdateConfig
+    advantage: AdvantageConfig
+    loop: LoopSettings
+    buffer: dict
+    rollout_targets: list[str]
+    logger: dict
+    seed: int
+
+
+def learner_plan(cfg: TrainConfig) -> LearnerPlan:
+    """The run's config -> what the learner process builds."""
+    alg, actor, optim, lora = cfg.algorithm, cfg.actor, cfg.actor.optim, cfg.actor.lora
+    return LearnerPlan(
+        model_path=actor.model.model_path,
+        precision=actor.model.precision,
+        model_type=actor.model.model_type,
+        action_dim=actor.model.action_dim,
+        num_action_chunks=actor.model.num_action_chunks,
+        gradient_checkpointing=actor.fsdp_config.gradient_checkpointing,
+        reshard_after_forward=actor.fsdp_config.sharding_strategy == "full_shard",
+        dist_backend=actor.fsdp_config.backend,
+        lora=LoRASettings(lora.rank, lora.alpha, lora.dropout, list(lora.targets)),
+        optimizer={
+            "lr": optim.lr,
+            "value_lr": optim.value_lr,
+            "betas": (optim.adam_beta1, optim.adam_beta2),
+            "weight_decay": optim.weight_decay,
+            "eps": optim.adam_eps,
+        },
+        update=update_config(cfg),
+        advantage=AdvantageConfig(
+            adv_type=alg.adv_type,
+            gamma=alg.gamma,
+            gae_lambda=alg.gae_lambda,
+            filter_rewards=alg.filter_rewards,
+            rewards_lower_bound=alg.rewards_lower_bound,
+            rewards_upper_bound=alg.rewards_upper_bound,
+            loss_agg_func=alg.loss_agg_func,
+        ),
+        loop=LoopSettings(
+            segments_per_iteration=cfg.env.train.total_num_envs,
+            max_iterations=cfg.runner.max_epochs,
+            checkpoint_dir=Path(actor.checkpoint_dir),
+            save_interval=cfg.runner.save_interval
+            if cfg.runner.save_interval > 0
+            else cfg.runner.max_epochs,
+            resume_dir=cfg.runner.resume_dir,
+            temperature=cfg.rollout.sampling_params.temperature_train,
+            micro_batch_size=actor.micro_batch_size,
+            max_staleness=alg.max_staleness,
+        ),
+        buffer={
+            "url": cfg.buffer.url,
+            "stream": cfg.buffer.stream,
+            "group": cfg.buffer.group,
+            "maxlen": cfg.buffer.maxlen,
+        },
+        rollout_targets=list(cfg.rollout.addresses),
+        logger={
+            "backends": list(cfg.runner.logger.logger_backends),
+            "dir": cfg.run_dir,
+            "project": cfg.runner.logger.project_name,
+            "name": cfg.runner.logger.experiment_name,
+        },
+        seed=cfg.runner.seed,
+    )
+
+
+def check_model(policy, plan: LearnerPlan) -> None:
+    """The checkpoint must be the model the config describes (action_dim, chunks, decoding)."""
+    model = policy.config
+    decoding = "parallel" if plan.model_type == "openvla_oft" else "autoregressive"
+    for key, want, got in (
+        ("actor.model.action_dim", plan.action_dim, model.action_dim),
+        ("actor.model.num_action_chunks", plan.num_action_chunks, model.action_chunk),
+        ("actor.model.model_type", decoding, model.decoding),
+    ):
+        if want != got:
+            raise SystemExit(
+                f"learner: {key} says {want!r} but the checkpoint {plan.model_path} has {got!r}"
+            )
 
 
 class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
@@ -89,27 +192,24 @@ def make_publisher(targets: list[str]):
     return publish, clients
 
 
-def make_metric_logger(cfg: TrainConfig):
+def make_metric_logger(settings: dict, config: dict):
     """TensorBoard and/or W&B, per runner.logger.logger_backends. W&B follows its own settings
     (WANDB_MODE=offline writes the run under <run_dir>/wandb without a network)."""
     writers = []
     runs = []
-    backends = cfg.runner.logger.logger_backends
-    if "tensorboard" in backends:
+    if "tensorboard" in settings["backends"]:
         from torch.utils.tensorboard import SummaryWriter
 
-        writers.append(SummaryWriter(os.path.join(cfg.run_dir, "tensorboard")))
-    if "wandb" in backends:
+        writers.append(SummaryWriter(os.path.join(settings["dir"], "tensorboard")))
+    if "wandb" in settings["backends"]:
         import wandb
-
-        from vla_rl.config import to_dict
 
         runs.append(
             wandb.init(
-                project=cfg.runner.logger.project_name,
-                name=cfg.runner.logger.experiment_name,
-                dir=cfg.run_dir,
-                config=to_dict(cfg),
+                project=settings["project"],
+                name=settings["name"],
+                dir=settings["dir"],
+                config=config,
             )
         )
 
@@ -139,57 +239,40 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     cfg = load_config(args.config, [])
-    info = init_distributed(cfg.actor.fsdp_config.backend)
+    plan = learner_plan(cfg)
+    info = init_distributed(plan.dist_backend)
     device = info.device if info.world_size > 1 else torch.device(args.device)
-    torch.manual_seed(cfg.runner.seed)
-    model_path = cfg.actor.model.model_path
-    if not model_path:
+    torch.manual_seed(plan.seed)
+    if not plan.model_path:
         raise SystemExit("learner: actor.model.model_path must name a checkpoint directory")
-    policy = load_policy(model_path, dtype=_DTYPES[cfg.actor.model.precision], device=device)
-    lora = cfg.actor.lora
-    apply_lora(policy, LoRASettings(lora.rank, lora.alpha, lora.dropout, list(lora.targets)))
+    policy = load_policy(plan.model_path, dtype=_DTYPES[plan.precision], device=device)
+    check_model(policy, plan)
+    apply_lora(policy, plan.lora)
+    if plan.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
     policy.to(device)
-    shard_policy(policy)  # FSDP2 units per block; nothing in a single process
-    optim = cfg.actor.optim
-    optimizer = make_optimizer(
-        policy, optim.lr, optim.value_lr, (optim.adam_beta1, optim.adam_beta2), optim.weight_decay
-    )
+    shard_policy(policy, reshard_after_forward=plan.reshard_after_forward)
+    optimizer = make_optimizer(policy, **plan.optimizer)
     # Only rank 0 talks to the buffer, the rollout replicas, TensorBoard and status clients.
     buffer = publish = server = None
     clients = []
     log_metrics = lambda m, step: None  # noqa: E731
     close_loggers = lambda: None  # noqa: E731
     if info.is_main:
-        buffer = from_url(
-            cfg.buffer.url,
-            stream=cfg.buffer.stream,
-            group=cfg.buffer.group,
-            consumer="learner-0",
-            maxlen=cfg.buffer.maxlen,
-        )
-        publish, clients = make_publisher(list(cfg.rollout.addresses))
-        log_metrics, close_loggers = make_metric_logger(cfg)
-    alg = cfg.algorithm
+        buffer = from_url(**plan.buffer, consumer="learner-0")
+        publish, clients = make_publisher(plan.rollout_targets)
+        log_metrics, close_loggers = make_metric_logger(plan.logger, to_dict(cfg))
     learner = Learner(
         policy,
-        PromptTokenizer(load_tokenizer(model_path)),
+        PromptTokenizer(load_tokenizer(plan.model_path)),
         optimizer,
         buffer,
         publish,
-        update_config(cfg),
-        AdvantageConfig(alg.adv_type, alg.gamma, alg.gae_lambda, alg.filter_rewards),
-        LoopSettings(
-            segments_per_iteration=cfg.env.train.total_num_envs,
-            max_iterations=cfg.runner.max_epochs,
-            checkpoint_dir=Path(cfg.actor.checkpoint_dir),
-            save_interval=cfg.runner.save_interval
-            if cfg.runner.save_interval > 0
-            else cfg.runner.max_epochs,
-            temperature=cfg.rollout.sampling_params.temperature_train,
-            micro_batch_size=cfg.actor.micro_batch_size,
-        ),
+        plan.update,
+        plan.advantage,
+        plan.loop,
         log_metrics=log_metrics,
-        seed=cfg.runner.seed,
+        seed=plan.seed,
     )
     if learner.resume():
         learner.publish_current()

@@ -9,9 +9,7 @@ reads the buffer, writes checkpoints, publishes, acknowledges and logs.
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +19,12 @@ import torch
 
 from vla_rl.buffer import Received, TrajectoryBuffer
 from vla_rl.models import OpenVLAPolicy, PromptTokenizer
+from vla_rl.training.checkpoints import (
+    CheckpointState,
+    read_checkpoint,
+    resume_source,
+    save_checkpoint,
+)
 from vla_rl.training.distributed import (
     broadcast_object,
     is_main,
@@ -53,10 +57,15 @@ class LoopSettings:
     """Checkpoint every this many iterations (the last one is always saved)."""
     keep_checkpoints: int = 2
     """Older checkpoints are deleted."""
+    resume_dir: str | None = None
+    """Checkpoint to start from when checkpoint_dir has none (runner.resume_dir)."""
     temperature: float = 1.0
     """The rollout's sampling temperature (the old log-probs must use the same)."""
     micro_batch_size: int = 8
     """Micro-batch of the no-grad recompute."""
+    max_staleness: int = 0
+    """Segments collected by a policy more than this many versions older than the learner's are
+    dropped (and counted) instead of trained on."""
     wait_log_s: float = 30.0
     """Log a line while waiting longer than this for segments."""
 
@@ -91,52 +100,39 @@ class Learner:
         self.last_metrics: dict[str, float] = {}
         self._held: list[Received] = []  # segments of a later iteration (max_staleness > 0)
         self.stale_dropped = 0
+        self.duplicates_dropped = 0
         self.main = is_main()
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self, blob: bytes, optim_state: dict) -> Path:
         """Write global_step_N/ (rank 0): adapter blob, optimizer state by parameter name (any
         world size can load it), iteration and version; then point `latest` at it."""
-        root = self.loop.checkpoint_dir
-        final = root / f"global_step_{self.iteration}"
-        tmp = root / f".tmp_global_step_{self.iteration}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        (tmp / "adapter.safetensors").write_bytes(blob)
-        torch.save(optim_state, tmp / "optimizer.pt")
-        state = {"iteration": self.iteration, "policy_version": self.policy_version}
-        (tmp / "state.json").write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)  # a checkpoint directory exists only once it is complete
-        (root / "latest").write_text(final.name)
-        steps = sorted(
-            (p for p in root.glob("global_step_*") if p.is_dir()),
-            key=lambda p: int(p.name.rsplit("_", 1)[1]),
+        return save_checkpoint(
+            self.loop.checkpoint_dir,
+            CheckpointState(self.iteration, self.policy_version),
+            blob,
+            optim_state,
+            keep=self.loop.keep_checkpoints,
         )
-        for old in steps[: -self.loop.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
 
     def resume(self) -> bool:
-        """Load the latest checkpoint, if any (all ranks); returns whether one was found."""
-        payload = None
-        latest = self.loop.checkpoint_dir / "latest"
-        if self.main and latest.exists():
-            path = self.loop.checkpoint_dir / latest.read_text().strip()
-            payload = (
-                json.loads((path / "state.json").read_text()),
-                (path / "adapter.safetensors").read_bytes(),
-            )
-            optim = torch.load(path / "optimizer.pt", weights_only=True)
-            log.info("resuming from %s", path)
+        """Load this run's latest checkpoint, else loop.resume_dir's, if any (all ranks);
+        returns whether one was loaded."""
+        payload = optim = None
+        if self.main:
+            path = resume_source(self.loop.checkpoint_dir, self.loop.resume_dir)
+            if path is not None:
+                state, blob, optim = read_checkpoint(path)
+                payload = (state, blob)
+                log.info("resuming from %s (iteration %d)", path, state.iteration)
         payload = broadcast_object(payload)
         if payload is None:
             return False
         state, blob = payload
         load_adapter_distributed(self.policy, blob)
         load_optimizer_state(self.policy, self.optimizer, optim if self.main else {})
-        self.iteration = int(state["iteration"])
-        self.policy_version = int(state["policy_version"])
+        self.iteration = state.iteration
+        self.policy_version = state.policy_version
         return True
 
     def publish_current(self) -> None:
@@ -148,33 +144,46 @@ class Learner:
 
     # -- one iteration ------------------------------------------------------------------------
     def gather(self, stop: Callable[[], bool] = lambda: False) -> list[Received] | None:
-        """Block until this iteration's segments are in; None if stopped first."""
+        """Block until this iteration's segments are in; None if stopped first.
+
+        Segments of a later iteration are held for it; segments of an earlier iteration (a
+        resume re-delivers them), repeated segment ids and segments whose policy is more than
+        `max_staleness` versions behind are acknowledged and dropped, and counted.
+        """
         want = self.loop.segments_per_iteration
-        got = [r for r in self._held if r.segment.iteration == self.iteration]
-        self._held = [r for r in self._held if r.segment.iteration != self.iteration]
-        seen = {r.segment.segment_id for r in got}
+        got: list[Received] = []
+        seen: set[str] = set()
+        held, self._held = self._held, []
         waited_since = time.monotonic()
-        while len(got) < want:
+        while True:
+            for r in held:
+                self._sort(r, got, seen)
+            if len(got) >= want:
+                return got
             if stop():
                 self._held.extend(got)
                 return None
-            for r in self.buffer.take(want - len(got), timeout_s=0.5):
-                it = r.segment.iteration
-                if it < self.iteration:
-                    # Collected for an iteration already trained (a resume re-delivers them).
-                    self.buffer.ack([r.entry_id])
-                    self.stale_dropped += 1
-                elif it > self.iteration:
-                    self._held.append(r)
-                elif r.segment.segment_id in seen:
-                    self.buffer.ack([r.entry_id])  # redelivered within this iteration
-                else:
-                    seen.add(r.segment.segment_id)
-                    got.append(r)
+            held = self.buffer.take(want - len(got), timeout_s=0.5)
             if time.monotonic() - waited_since > self.loop.wait_log_s:
                 log.info("waiting for segments: %d of %d", len(got), want)
                 waited_since = time.monotonic()
-        return got
+
+    def _sort(self, r: Received, got: list[Received], seen: set[str]) -> None:
+        """Put one received segment where it belongs: this iteration, held, or dropped."""
+        seg = r.segment
+        lag = self.policy_version - seg.policy_version
+        if seg.iteration > self.iteration:
+            self._held.append(r)
+        elif seg.iteration < self.iteration or lag > self.loop.max_staleness:
+            # Collected for an iteration already trained, or by a policy too old to correct for.
+            self.buffer.ack([r.entry_id])
+            self.stale_dropped += 1
+        elif seg.segment_id in seen:
+            self.buffer.ack([r.entry_id])  # redelivered within this iteration
+            self.duplicates_dropped += 1
+        else:
+            seen.add(seg.segment_id)
+            got.append(r)
 
     def train_iteration(self, received: list[Received]) -> dict[str, float]:
         t0 = time.monotonic()
@@ -222,6 +231,11 @@ class Learner:
                 "time/publish_s": t4 - t3,
                 "rollout/policy_version": float(self.policy_version),
                 "rollout/stale_segments_dropped": float(self.stale_dropped),
+                "rollout/duplicate_segments_dropped": float(self.duplicates_dropped),
+                "rollout/policy_lag": float(
+                    sum(self.policy_version - 1 - s.policy_version for s in segments)
+                    / len(segments)
+                ),
                 "rollout/num_segments": float(len(segments)),
             }
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from vla_rl.config.schema import ENGINES, PRECISIONS, RolloutConfig
 from vla_rl.models import ActionNormalizer, read_config
 from vla_rl.rpc import ROLLOUT_SERVICE
 from vla_rl.rpc.gen.v1 import rollout_pb2_grpc
@@ -14,6 +15,10 @@ from .batcher import DynamicBatcher
 from .servicer import RolloutServicer
 
 log = logging.getLogger("vla_rl.rollout_server")
+
+_VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+# The flags' defaults are the config's (vla-rl train passes every one of them explicitly).
+_DEFAULTS = RolloutConfig()
 
 
 def build_engine(args: argparse.Namespace):
@@ -27,6 +32,7 @@ def build_engine(args: argparse.Namespace):
         return VLLMEngine(
             args.checkpoint,
             device=args.device,
+            dtype=_VLLM_DTYPES[args.precision],
             gpu_memory_utilization=args.gpu_memory_utilization,
             max_batch_size=args.max_batch_size,
         )
@@ -36,14 +42,14 @@ def build_engine(args: argparse.Namespace):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="The rollout server: serves OpenVLA actions.")
     p.add_argument("--checkpoint", required=True, help="OpenVLA checkpoint directory")
-    p.add_argument("--engine", default="torch", choices=["torch", "vllm"])
+    p.add_argument("--engine", default=_DEFAULTS.engine, choices=list(ENGINES))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50052)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--max-batch-size", type=int, default=64)
-    p.add_argument("--max-wait-ms", type=float, default=5.0)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
+    p.add_argument("--max-batch-size", type=int, default=_DEFAULTS.max_batch_size)
+    p.add_argument("--max-wait-ms", type=float, default=_DEFAULTS.max_wait_ms)
+    p.add_argument("--gpu-memory-utilization", type=float, default=_DEFAULTS.gpu_memory_utilization)
     p.add_argument("--unnorm-key", default=None)
     p.add_argument("--base-model-id", default=None, help="reported by GetPolicy")
     p.add_argument("--grace-s", type=float, default=5.0)

@@ -353,6 +353,21 @@ def test_duplicates_are_dropped_by_segment_id(backend):
     assert other.pending() == 0 and other.duplicates_dropped == 1
 
 
+def test_segment_truncated_mid_way_goes_to_dead_letters_with_its_reason(backend):
+    """The learner bootstraps a time-limit cut from the segment's bootstrap observation, which
+    exists only after the last step: a cut anywhere else is refused when the entry is decoded."""
+    bad = make_segment(1)
+    bad.truncated = np.array([False, True, False, False])
+    bad.validate = lambda: None  # a writer that skips validation
+    backend.add_raw({"segment_id": bad.segment_id.encode(), "data": encode_segment(bad)})
+    buffer = backend.open()
+    buffer.put(make_segment(2))
+    assert ids_of(buffer.take(10, 1.0)) == ["run-srv-2-0"]
+    assert buffer.dead_letters() == 1
+    (error,) = backend.dead_letter_errors()
+    assert "truncated at step 1 of 4" in error and "last step" in error
+
+
 def test_duplicate_of_a_held_segment_is_dropped(backend):
     buffer = backend.open()
     buffer.put(make_segment(0))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.learner.main import make_metric_logger
-from vla_rl.config import load_config
+from services.learner.main import learner_plan, make_metric_logger
+from vla_rl.config import load_config, to_dict
 
 
 def test_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
@@ -20,7 +20,7 @@ def test_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
         ],
     )
     Path(cfg.run_dir).mkdir(parents=True)
-    log_metrics, close = make_metric_logger(cfg)
+    log_metrics, close = make_metric_logger(learner_plan(cfg).logger, to_dict(cfg))
     log_metrics({"train/actor/approx_kl": 0.01, "env/success_once": 0.25}, 1)
     log_metrics({"train/actor/approx_kl": 0.02, "env/success_once": 0.5}, 2)
     close()

@@ -12,7 +12,7 @@ from vla_rl.algorithms import (
     compute_grpo_advantages,
     entropy_bonus,
     explained_variance,
-    filter_uniform_groups,
+    filter_groups_by_success,
     get_advantage_estimator,
     get_policy_loss,
     masked_mean,
@@ -266,16 +266,18 @@ def test_grpo_matches_loop(seed):
     close(steps, expected)
 
 
-def test_filter_uniform_groups():
-    success = torch.tensor([1, 1, 0, 1, 0, 0, 1, 0, 1])
-    group_ids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4, 4])
-    keep = filter_uniform_groups(success, group_ids)
+@pytest.mark.parametrize("lower, upper", [(0.1, 0.9), (0.0, 0.5), (0.6, 1.0), (0.0, 1.0)])
+def test_filter_groups_by_success_rate(lower, upper):
+    success = torch.tensor([1, 1, 0, 1, 0, 0, 1, 0, 1, 1, 1, 0])
+    group_ids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4, 4, 5, 5, 5])
+    keep = filter_groups_by_success(success, group_ids, lower, upper)
     expected = []
     for gid in group_ids.tolist():
         members = [s for s, g in zip(success.tolist(), group_ids.tolist(), strict=True) if g == gid]
-        expected.append(0 < sum(members) < len(members))
+        expected.append(lower <= sum(members) / len(members) <= upper)
     assert keep.tolist() == expected
-    assert keep.tolist() == [False, False, True, True, False, False, False, True, True]
+    if (lower, upper) == (0.1, 0.9):  # the default bounds drop the uniform groups
+        assert keep.tolist() == [False] * 2 + [True] * 2 + [False] * 3 + [True] * 5
 
 
 def test_advantage_registry():

@@ -81,7 +81,9 @@ def test_named_examples_carry_rlinf_settings():
 
     grpo = load_config(CONFIG_DIR / "maniskill_grpo_openvla.yaml")
     assert (grpo.algorithm.adv_type, grpo.algorithm.group_size) == ("grpo", 8)
-    assert grpo.actor.optim.lr == 1e-5 and grpo.rollout.sampling_params.top_k == 50
+    assert grpo.actor.optim.lr == 1e-5 and grpo.rollout.sampling_params.top_k == 0
+    assert grpo.algorithm.normalize_advantages is False  # group advantages are normalised already
+    assert ppo.algorithm.normalize_advantages is True
 
     grpo_oft = load_config(CONFIG_DIR / "maniskill_grpo_openvlaoft.yaml")
     assert grpo_oft.cluster.resolve(8)["env"] == list(range(8))

@@ -116,21 +116,23 @@ def compute_gae(
 
     dtype = values.dtype if values.is_floating_point() else torch.float32
     rewards, values, next_values = rewards.to(dtype), values.to(dtype), next_values.to(dtype)
+    terminated = terminated.bool()
+    done = terminated | truncated.bool()
+    valid = torch.ones_like(values, dtype=torch.bool) if mask is None else mask.bool()
+    zero = torch.zeros_like(values[0])
+
+    # Every cut is a where(), never a multiplication by 0: 0 * NaN is NaN, so one bad value or
+    # reward would otherwise flow back into every earlier episode of the segment.
     # Truncation still bootstraps from next_values (the episode could have gone on), but it ends
     # the episode, so the recursion must not leak the next episode's advantages into this one.
-    not_terminated = 1.0 - terminated.to(dtype)
-    not_done = 1.0 - (terminated.bool() | truncated.bool()).to(dtype)
-    valid = torch.ones_like(values, dtype=torch.bool) if mask is None else mask.bool()
-
-    deltas = rewards + gamma * not_terminated * next_values - values
-    # where(), not multiplication, so NaN/garbage at padded steps cannot reach valid ones.
-    deltas = torch.where(valid, deltas, torch.zeros_like(deltas))
+    bootstrap = torch.where(terminated, torch.zeros_like(next_values), next_values)
+    deltas = torch.where(valid, rewards + gamma * bootstrap - values, torch.zeros_like(values))
 
     advantages = torch.zeros_like(values)
-    next_advantage = torch.zeros_like(values[0])
+    next_advantage = zero
     for t in reversed(range(values.shape[0])):
-        next_advantage = deltas[t] + gamma * gae_lambda * not_done[t] * next_advantage
-        next_advantage = torch.where(valid[t], next_advantage, torch.zeros_like(next_advantage))
+        carried = torch.where(done[t], zero, gamma * gae_lambda * next_advantage)
+        next_advantage = torch.where(valid[t], deltas[t] + carried, zero)
         advantages[t] = next_advantage
     return advantages, advantages + values
 
@@ -174,18 +176,22 @@ def compute_grpo_advantages(
     return deviations / (stds[group_index] + eps)
 
 
-def filter_uniform_groups(success: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """Keep-mask that drops groups whose episodes all succeeded or all failed.
+def filter_groups_by_success(
+    success: torch.Tensor, group_ids: torch.Tensor, lower: float, upper: float
+) -> torch.Tensor:
+    """Keep-mask of the episodes whose group's success rate lies in [lower, upper].
 
-    Such groups have zero group-relative advantage and only dilute the batch (DAPO's dynamic
-    sampling); a group of one episode is uniform and is dropped too.
+    With lower > 0 and upper < 1 this drops groups whose episodes all succeeded or all failed:
+    their group-relative advantages are all 0 and only dilute the batch (DAPO's dynamic
+    sampling; RLinf's filter_rewards with rewards_lower_bound / rewards_upper_bound).
 
     Args:
         success: [N] bool/0-1 success of each episode.
         group_ids: [N] integer group id of each episode.
+        lower, upper: bounds of the group's success rate, inclusive.
 
     Returns:
-        keep: [N] bool, True for episodes of groups with both successes and failures.
+        keep: [N] bool.
     """
     if success.dim() != 1 or group_ids.shape != success.shape:
         raise ValueError(
@@ -194,12 +200,65 @@ def filter_uniform_groups(success: torch.Tensor, group_ids: torch.Tensor) -> tor
         )
     _, group_index = torch.unique(group_ids, return_inverse=True)
     num_groups = int(group_index.max()) + 1 if group_index.numel() else 0
-    success = success.bool().long()
-    counts = torch.zeros(num_groups, dtype=torch.long, device=success.device)
+    success = success.bool().double()
+    counts = torch.zeros(num_groups, dtype=torch.float64, device=success.device)
     counts.index_add_(0, group_index, torch.ones_like(success))
-    successes = torch.zeros_like(counts).index_add_(0, group_index, success)
-    mixed = (successes > 0) & (successes < counts)
-    return mixed[group_index]
+    rate = torch.zeros_like(counts).index_add_(0, group_index, success) / counts.clamp(min=1)
+    keep = (rate >= lower) & (rate <= upper)
+    return keep[group_index]
+
+
+def normalize_advantages(
+    advantages: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-8
+) -> torch.Tensor:
+    """Standardise advantages to zero mean and unit std over the valid entries (PPO's batch
+    normalisation); invalid entries become 0. Fewer than two valid entries: returned as is.
+
+    Not for GRPO: its episode advantages are already normalised per group, and a per-decision
+    re-standardisation shifts them by the mean over decisions, which long failed episodes
+    dominate, and can turn a failure's negative advantage positive.
+
+    Args:
+        advantages: [N] (or any shape) float.
+        mask: optional bool of advantages' shape.
+
+    Returns:
+        advantages' shape.
+    """
+    valid = torch.ones_like(advantages, dtype=torch.bool) if mask is None else mask.bool()
+    zeros = torch.zeros_like(advantages)
+    if valid.sum() < 2:
+        return torch.where(valid, advantages, zeros)
+    kept = advantages[valid]
+    return torch.where(valid, (advantages - kept.mean()) / (kept.std() + eps), zeros)
+
+
+def episode_loss_weights(
+    terminated: torch.Tensor, truncated: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Per-decision weights that give every episode (piece) of a segment the same total weight:
+    1 / its number of valid decisions (the `seq-mean-token-mean` loss aggregation).
+
+    An episode piece is a run of decisions between two episode ends inside one segment (column);
+    the last piece of a column ends with the segment.
+
+    Args:
+        terminated, truncated: [T, N] bool, the episode ended after step t.
+        mask: [T, N] bool, the decisions that count.
+
+    Returns:
+        weights: [T, N] float, 0 at invalid decisions.
+    """
+    done = (terminated.bool() | truncated.bool()).long()
+    # Piece index of every step: the number of episode ends strictly before it.
+    piece = torch.cumsum(done, 0) - done
+    T, N = piece.shape
+    key = piece * N + torch.arange(N).unsqueeze(0)
+    valid = mask.bool()
+    counts = torch.zeros(int(key.max()) + 1, dtype=torch.float32)
+    counts.index_add_(0, key[valid], torch.ones(int(valid.sum())))
+    weights = 1.0 / counts.clamp(min=1.0)[key]
+    return torch.where(valid, weights, torch.zeros_like(weights))
 
 
 def broadcast_episode_advantages(

@@ -57,20 +57,30 @@ def _valid_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of x over entries where mask is true; 0 if none is.
+    """Mean of x over entries where mask is true (or weighted mean, for float weights); 0 if none
+    counts.
 
     Args:
         x: any shape.
-        mask: optional bool/0-1, broadcastable to x.
+        mask: optional, broadcastable to x: bool/0-1 (plain mean over the true entries) or
+            non-negative float weights (sum(w * x) / sum(w) over entries with w > 0; the loss
+            aggregation `seq-mean-token-mean` weights each decision by 1 / its episode length).
 
     Returns:
         0-d tensor. Masked-out entries are replaced, not multiplied, so NaN/inf there (e.g. padded
         log-probs) cannot poison the mean.
     """
     valid = _valid_mask(x, mask)
-    total = torch.where(valid, x, torch.zeros_like(x)).sum()
+    if mask is None or mask.dtype == torch.bool:
+        weights = valid.to(x.dtype)
+    else:
+        weights = mask.expand(x.shape).to(x.dtype)
+    zero = torch.zeros_like(x)
+    total = torch.where(valid, x * weights, zero).sum()
+    denominator = torch.where(valid, weights, zero).sum()
     # An empty micro-batch should contribute nothing rather than NaN to the gradient.
-    return total / valid.sum().clamp(min=1)
+    safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    return torch.where(denominator > 0, total / safe, torch.zeros_like(total))
 
 
 def _log_ratio(
@@ -128,6 +138,7 @@ def ppo_policy_loss(
     clip_ratio_high: float | None = None,
     dual_clip_c: float | None = None,
     mask: torch.Tensor | None = None,
+    behaviour_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate (Schulman et al. 2017), with asymmetric clip range (DAPO's
     clip-higher) and optional dual clip (Ye et al. 2020).
@@ -137,6 +148,12 @@ def ppo_policy_loss(
     dual clip, where A < 0: loss = min(loss, -dual_clip_c * A), which bounds how much a very
     large ratio on a bad action can push the update.
 
+    Decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy optimization"; AReaL):
+    when the data was collected by an older behaviour policy, `old_logprobs` are those of the
+    proximal policy (the learner's weights before this update) and `behaviour_weights` =
+    pi_prox / pi_behav (see `behaviour_importance_weights`) multiply each entry's loss, so the
+    clip acts around the proximal policy and the importance correction stays unclipped by it.
+
     Args:
         logprobs: [N, K] (per action token / action dim) or [N], under the current policy, with grad.
         old_logprobs: same shape, under the behaviour policy that collected the data.
@@ -144,7 +161,9 @@ def ppo_policy_loss(
         clip_ratio_low: epsilon below 1, in (0, 1).
         clip_ratio_high: epsilon above 1, > 0; None means clip_ratio_low.
         dual_clip_c: lower bound factor c > 1 for negative advantages; None disables it.
-        mask: optional bool/0-1 broadcastable to logprobs; the loss is a mean over valid entries.
+        mask: optional bool/0-1 or float weights broadcastable to logprobs; the loss is a
+            (weighted) mean over valid entries.
+        behaviour_weights: optional, logprobs' shape, detached pi_prox / pi_behav per entry.
 
     Returns:
         loss: 0-d tensor.
@@ -177,8 +196,15 @@ def ppo_policy_loss(
         per_entry_loss = torch.where(dual_active, dual_bound, per_entry_loss)
     else:
         dual_active = torch.zeros_like(clip_active)
+    if behaviour_weights is not None:
+        if behaviour_weights.shape != per_entry_loss.shape:
+            raise ValueError(
+                f"behaviour_weights {tuple(behaviour_weights.shape)} must have the shape of "
+                f"logprobs {tuple(per_entry_loss.shape)}"
+            )
+        per_entry_loss = per_entry_loss * behaviour_weights.detach()
 
-    loss = masked_mean(per_entry_loss, valid)
+    loss = masked_mean(per_entry_loss, valid if mask is None else mask)
     with torch.no_grad():
         metrics = {
             "clip_fraction": masked_mean(clip_active.to(ratio.dtype), valid),
@@ -188,6 +214,39 @@ def ppo_policy_loss(
             "dual_clip_fraction": masked_mean(dual_active.to(ratio.dtype), valid),
         }
     return loss, metrics
+
+
+@torch.no_grad()
+def behaviour_importance_weights(
+    proximal_logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    cap: float | None = None,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Decoupled PPO's importance weight pi_prox / pi_behav of each entry, truncated at `cap`.
+
+    Args:
+        proximal_logprobs: [N, ...] log-probs under the proximal policy (the learner's weights
+            before the update, recomputed without grad).
+        behaviour_logprobs: same shape, log-probs reported by the rollout that sampled the actions.
+        cap: upper bound of the weight (truncated importance sampling); None: no bound.
+        mask: optional bool/0-1 broadcastable to the log-probs, for the metrics.
+
+    Returns:
+        weights: same shape, detached; 1 at invalid entries.
+        metrics: behaviour_weight_mean, behaviour_weight_max, behaviour_weight_capped_fraction.
+    """
+    valid = _valid_mask(proximal_logprobs, mask)
+    log_ratio = _log_ratio(proximal_logprobs, behaviour_logprobs, valid)
+    raw = torch.exp(log_ratio)
+    weights = raw if cap is None else raw.clamp(max=cap)
+    capped = (raw > weights).to(raw.dtype)
+    metrics = {
+        "behaviour_weight_mean": masked_mean(weights, valid),
+        "behaviour_weight_max": torch.where(valid, raw, torch.zeros_like(raw)).max(),
+        "behaviour_weight_capped_fraction": masked_mean(capped, valid),
+    }
+    return weights, metrics
 
 
 def value_loss(
@@ -210,7 +269,7 @@ def value_loss(
         returns: same shape, value targets (e.g. GAE returns).
         clip_range: max change of the value from old_values; None disables clipping.
         huber_delta: > 0 to use the Huber error; None uses the squared error.
-        mask: optional bool/0-1 broadcastable to values.
+        mask: optional bool/0-1 or float weights broadcastable to values.
 
     Returns:
         loss: 0-d tensor.
@@ -238,14 +297,15 @@ def value_loss(
             huber_delta * (abs_diff - 0.5 * huber_delta),
         )
 
+    weights = valid if mask is None else mask
     unclipped_error = error(values)
     if clip_range is None:
-        loss = masked_mean(unclipped_error, valid)
+        loss = masked_mean(unclipped_error, weights)
         return loss, {"value_clip_ratio": torch.zeros((), device=values.device)}
 
     clipped_values = old_values + (values - old_values).clamp(-clip_range, clip_range)
     clipped_error = error(clipped_values)
-    loss = masked_mean(torch.maximum(unclipped_error, clipped_error), valid)
+    loss = masked_mean(torch.maximum(unclipped_error, clipped_error), weights)
     with torch.no_grad():
         clip_ratio = masked_mean((clipped_error > unclipped_error).to(values.dtype), valid)
     return loss, {"value_clip_ratio": clip_ratio}
@@ -255,8 +315,9 @@ def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor | None = None) -> to
     """Mean policy entropy over valid entries; the caller subtracts coef * this from the loss.
 
     Args:
-        entropy: [N, K] or [N], per-entry entropy of the current policy, with grad.
-        mask: optional bool/0-1 broadcastable to entropy.
+        entropy: [N, K] or [N], per-entry entropy of the current policy, with grad (per token,
+            or per action as the sum of its tokens' entropies: see `aggregate_entropy`).
+        mask: optional bool/0-1 or float weights broadcastable to entropy.
 
     Returns:
         0-d tensor.

@@ -82,6 +82,10 @@ class TrajectoryBuffer(ABC):
         """Entries moved to the dead-letter stream because they could not be used."""
 
     @abstractmethod
+    def acknowledged(self) -> int:
+        """Distinct segment ids acked so far (they are never handed out again)."""
+
+    @abstractmethod
     def close(self) -> None:
         """Release connections; stored entries stay."""
 

@@ -153,6 +153,10 @@ class MemoryStreamStore:
                     claimed.append((_format_id(entry_id), dict(s.entries[entry_id])))
             return "0-0", claimed, deleted
 
+    def acked_count(self, stream: str) -> int:
+        with self._cond:
+            return len(self._stream(stream).acked)
+
     def acked_mask(self, stream: str, segment_ids: list[str]) -> list[bool]:
         with self._cond:
             acked = self._stream(stream).acked
@@ -281,6 +285,9 @@ class MemoryBuffer(ConsumerGroupBuffer):
 
     def dead_letters(self) -> int:
         return self.store.dead_letter_count(self.stream)
+
+    def acknowledged(self) -> int:
+        return self.store.acked_count(self.stream)
 
     def close(self) -> None:
         pass

@@ -55,6 +55,9 @@ class RedisStreamsBuffer(ConsumerGroupBuffer):
     def dead_letters(self) -> int:
         return int(self._redis.xlen(self._dead_key))
 
+    def acknowledged(self) -> int:
+        return int(self._redis.scard(self._acked_key))
+
     def close(self) -> None:
         self._redis.close()
 

@@ -136,6 +136,15 @@ class Segment:
         for name in ("rewards", "behaviour_logprobs"):
             if not np.isfinite(getattr(self, name)).all():
                 raise ValueError(f"{name} must be finite")
+        if self.truncated[:-1].any():
+            # A time-limit cut needs the episode's final observation to bootstrap from; a segment
+            # keeps only one (bootstrap_image, after its last step), so collectors align the
+            # time limit with the segment's end.
+            step = int(np.flatnonzero(self.truncated[:-1])[0])
+            raise ValueError(
+                f"truncated at step {step} of {t}: a time-limit cut may only fall on a "
+                "segment's last step (its bootstrap observation is the only final one kept)"
+            )
 
         if not isinstance(self.instructions, list) or len(self.instructions) != t:
             raise ValueError(f"instructions must be a list of T={t} strings")

@@ -41,7 +41,8 @@ class ClusterConfig:
     """Where the components run."""
 
     num_nodes: int = 1
-    """Machines in the cluster (compose/local: 1; Kubernetes spreads learner pods over nodes)."""
+    """Machines in the cluster; `vla-rl train` runs on one machine, so only 1 is accepted (RLinf's
+    key, kept so its configs load; multi-node learners come with the Helm chart)."""
     component_placement: dict[str, str | int] = field(
         default_factory=lambda: {"actor,rollout,env": "cpu"}
     )
@@ -49,7 +50,12 @@ class ClusterConfig:
     'all', or GPU ranks '0', '0-3', '0,2'; components left out run on the CPU."""
 
     def __post_init__(self) -> None:
-        _at_least("num_nodes", self.num_nodes, 1)
+        if self.num_nodes != 1:
+            raise ConfigError(
+                "num_nodes",
+                f"{self.num_nodes}: vla-rl train starts every service on this machine; "
+                "more nodes are not supported yet (set 1)",
+            )
         # YAML reads `actor: 0` as an int; keep one spelling so a dump loads back equal.
         self.component_placement = {
             str(names): str(spec) if isinstance(spec, int) and not isinstance(spec, bool) else spec
@@ -123,6 +129,10 @@ ADV_TYPES = ("gae", "grpo")
 ADV_TYPE_ALIASES = {"embodied_gae": "gae", "embodied_grpo": "grpo"}
 LOSS_TYPES = ("actor_critic", "actor")
 LOGPROB_TYPES = ("token_level", "action_level", "chunk_level")
+ENTROPY_TYPES = ("token_level", "action_level")
+REWARD_TYPES = ("chunk_level", "action_level")
+LOSS_AGG_FUNCS = ("token-mean", "seq-mean-token-mean")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 @dataclass
@@ -139,8 +149,10 @@ class AlgorithmConfig:
     """Discount factor per decision."""
     gae_lambda: float = 0.95
     """GAE lambda."""
-    normalize_advantages: bool = True
-    """Standardise advantages over the batch before the policy loss."""
+    normalize_advantages: bool | None = None
+    """Standardise advantages over the batch before the policy loss; null: true for gae, false
+    for grpo (group advantages are already normalised; re-standardising them per decision can
+    flip a failure's sign), and true with grpo is refused."""
     update_epoch: int = 1
     """Passes over the rollout batch per iteration (PPO epochs)."""
     clip_ratio_low: float = 0.2
@@ -159,21 +171,51 @@ class AlgorithmConfig:
     """Weight of the entropy bonus."""
     logprob_type: str = "action_level"
     """Granularity of the PPO ratio: 'token_level', 'action_level' (7 tokens) or 'chunk_level'."""
+    entropy_type: str = "action_level"
+    """Entropy bonus per 'action_level' (the sum of its 7 tokens' entropies, as RLinf) or per
+    'token_level' (the mean over tokens)."""
+    reward_type: str = "chunk_level"
+    """Reward and value per decision: 'chunk_level' (OFT: the chunk's env rewards summed, one
+    value per chunk). RLinf's 'action_level' (per env step, a value per action) equals it for
+    OpenVLA (chunks of 1) and is refused for OFT chunks (not built)."""
+    loss_agg_func: str = "token-mean"
+    """Loss aggregation: 'token-mean' (every decision weighs the same, RLinf's default) or
+    'seq-mean-token-mean' (every episode weighs the same: its decisions 1 / its length each)."""
+    kl_estimator: str = "k3"
+    """Estimator of the logged train/actor/approx_kl: 'k1' (mean log(pi_old / pi), what RLinf
+    and verl log), 'k2' or 'k3' (Schulman's unbiased, always >= 0)."""
     filter_rewards: bool = False
-    """GRPO: drop groups whose mean episode reward lies outside the bounds below."""
+    """GRPO: train only on groups whose success rate lies within the bounds below (DAPO's dynamic
+    sampling: all-success and all-failure groups have zero advantage)."""
     rewards_lower_bound: float = 0.1
-    """filter_rewards: keep groups with mean reward >= this (drops all-failure groups)."""
+    """filter_rewards: keep groups whose success rate is >= this (0.1 drops all-failure groups)."""
     rewards_upper_bound: float = 0.9
-    """filter_rewards: keep groups with mean reward <= this (drops all-success groups)."""
+    """filter_rewards: keep groups whose success rate is <= this (0.9 drops all-success groups)."""
     max_staleness: int = 0
-    """Policy versions collection may run ahead of the learner (0: on-policy; > 0: decoupled
-    PPO corrects with the behaviour log-probs)."""
+    """Policy versions collection may run ahead of the learner (0: on-policy). > 0 turns on
+    decoupled PPO: the ratio is taken against the learner's recompute (the proximal policy) and
+    each decision is weighted by pi_prox / pi_behaviour from the rollout's log-probs; segments
+    older than this are dropped and counted."""
+    behaviour_weight_cap: float | None = 5.0
+    """Decoupled PPO (max_staleness > 0): truncate the weight pi_prox / pi_behaviour at this;
+    null: no truncation."""
 
     def __post_init__(self) -> None:
         self.adv_type = ADV_TYPE_ALIASES.get(self.adv_type, self.adv_type)
         _choice("adv_type", self.adv_type, ADV_TYPES)
         _choice("loss_type", self.loss_type, LOSS_TYPES)
         _choice("logprob_type", self.logprob_type, LOGPROB_TYPES)
+        _choice("entropy_type", self.entropy_type, ENTROPY_TYPES)
+        _choice("reward_type", self.reward_type, REWARD_TYPES)
+        _choice("loss_agg_func", self.loss_agg_func, LOSS_AGG_FUNCS)
+        _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        if self.behaviour_weight_cap is not None and self.behaviour_weight_cap <= 1.0:
+            raise ConfigError(
+                "behaviour_weight_cap", f"must be > 1 (or null), got {self.behaviour_weight_cap!r}"
+            )
+        for name in ("rewards_lower_bound", "rewards_upper_bound"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(name, f"is a success rate in [0, 1], got {getattr(self, name)!r}")
         _at_least("group_size", self.group_size, 1)
         _at_least("update_epoch", self.update_epoch, 1)
         _at_least("max_staleness", self.max_staleness, 0)
@@ -191,6 +233,8 @@ class AlgorithmConfig:
                 raise ConfigError(name, f"must be > 0 (or null), got {value!r}")
         _at_least("value_coef", self.value_coef, 0.0)
         _at_least("entropy_bonus", self.entropy_bonus, 0.0)
+        if self.normalize_advantages is None:
+            self.normalize_advantages = self.adv_type == "gae"
         if self.rewards_lower_bound > self.rewards_upper_bound:
             raise ConfigError(
                 "rewards_lower_bound",
@@ -238,7 +282,9 @@ class EnvSectionConfig:
     max_steps_per_rollout_epoch: int = 8
     """Env steps each env takes per iteration (a multiple of actor.model.num_action_chunks)."""
     auto_reset: bool = True
-    """Reset an env as soon as its episode ends and keep collecting within the iteration."""
+    """Reset an env as soon as its episode ends and keep collecting within the iteration. Only
+    true is supported (RLinf's key, kept so its configs load): GRPO scores each env's first
+    episode from the shared start and masks what follows."""
     sim_backend: str = "cpu"
     """ManiSkill physics: 'cpu' (one process per env batch) or 'gpu' (needs an env GPU)."""
     control_mode: str | None = "pd_ee_delta_pose"
@@ -254,6 +300,12 @@ class EnvSectionConfig:
 
     def __post_init__(self) -> None:
         _choice("env_type", self.env_type, ENV_TYPES)
+        if not self.auto_reset:
+            raise ConfigError(
+                "auto_reset",
+                "false is not supported: envs always reset when an episode ends (GRPO trains on "
+                "each env's first episode and masks the rest)",
+            )
         _choice("sim_backend", self.sim_backend, SIM_BACKENDS)
         _choice("reward_mode", self.reward_mode, REWARD_MODES)
         if not self.task_ids:
@@ -301,7 +353,8 @@ class SamplingParams:
     temperature_eval: float = 0.6
     """Temperature for the eval envs (0: greedy)."""
     top_k: int = 0
-    """Sample among the k most likely action tokens (0: all 256)."""
+    """Only 0 (sample from all 256 bins) is supported: the learner scores actions under the full
+    distribution, and top-k sampling would bias PPO's ratio (RLinf's key, kept so configs load)."""
 
     def __post_init__(self) -> None:
         if self.temperature_train <= 0:
@@ -309,7 +362,12 @@ class SamplingParams:
                 "temperature_train", f"must be > 0 for PPO/GRPO, got {self.temperature_train!r}"
             )
         _at_least("temperature_eval", self.temperature_eval, 0.0)
-        _at_least("top_k", self.top_k, 0)
+        if self.top_k != 0:
+            raise ConfigError(
+                "top_k",
+                f"{self.top_k}: top-k sampling is not supported (the learner's log-probs are over "
+                "all 256 bins, so the PPO ratio would be biased); set 0",
+            )
 
 
 @dataclass
@@ -408,7 +466,9 @@ class LoraConfig:
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     """Parts that get adapters: any of 'llm', 'projector', 'vision'."""
     path: str | None = None
-    """Adapter to start from (RLinf: actor.model.lora_path); null: fresh LoRA."""
+    """Adapter to start from (RLinf: actor.model.lora_path). Only null (a fresh LoRA) is
+    supported yet: loading an SFT adapter into both learner and rollout is not built; merge it
+    into the base checkpoint instead."""
 
     def __post_init__(self) -> None:
         _at_least("rank", self.rank, 1)
@@ -420,6 +480,12 @@ class LoraConfig:
             raise ConfigError("targets", "must name at least one part")
         for i, target in enumerate(self.targets):
             _choice(f"targets[{i}]", target, LORA_TARGETS)
+        if self.path is not None:
+            raise ConfigError(
+                "path",
+                f"{self.path!r}: starting from an existing LoRA adapter is not supported yet; "
+                "merge it into the base checkpoint (peft merge_and_unload) and set null",
+            )
 
 
 @dataclass
@@ -452,7 +518,7 @@ class OptimConfig:
 
 
 FSDP_BACKENDS = ("auto", "gloo", "nccl")
-SHARDING_STRATEGIES = ("full_shard", "shard_grad_op", "no_shard", "hybrid_shard")
+SHARDING_STRATEGIES = ("full_shard", "shard_grad_op")
 
 
 @dataclass
@@ -464,7 +530,8 @@ class FSDPConfig:
     backend: str = "auto"
     """torch.distributed backend: 'auto' (gloo on the CPU, nccl on GPUs), 'gloo' or 'nccl'."""
     sharding_strategy: str = "full_shard"
-    """FSDP sharding: 'full_shard', 'shard_grad_op', 'no_shard' or 'hybrid_shard'."""
+    """FSDP2 sharding: 'full_shard' (ZeRO-3: parameters re-sharded after each forward) or
+    'shard_grad_op' (ZeRO-2: kept gathered from forward to backward; more memory, less traffic)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (needed for 7B at RLinf's micro-batch sizes)."""
 
@@ -633,6 +700,18 @@ class TrainConfig:
         if algo.adv_type == "grpo" and algo.group_size < 2:
             raise ConfigError(
                 "algorithm.group_size", "grpo compares episodes within a group; set it >= 2"
+            )
+        if algo.adv_type == "grpo" and algo.normalize_advantages:
+            raise ConfigError(
+                "algorithm.normalize_advantages",
+                "true with adv_type 'grpo' would re-standardise the group-normalised advantages "
+                "per decision, which can flip a failed episode's sign; set false (or null)",
+            )
+        if algo.reward_type == "action_level" and self.actor.model.num_action_chunks > 1:
+            raise ConfigError(
+                "algorithm.reward_type",
+                "'action_level' (a reward and value per env step of a chunk) is not built; "
+                "OFT chunks use 'chunk_level'",
             )
         if algo.filter_rewards and algo.group_size < 2:
             raise ConfigError(

@@ -198,6 +198,7 @@ def tiny_config(
     *,
     decoding: str = "autoregressive",
     action_chunk: int = 1,
+    action_dim: int = 7,
     vision_dim: int = 32,
     hidden_size: int = 64,
     llm_layers: int = 2,
@@ -214,19 +215,24 @@ def tiny_config(
         timm_overrides=[dict(tower), dict(tower, mlp_ratio=2.0)],
         decoding=decoding,
         action_chunk=action_chunk,
-        norm_stats=norm_stats if norm_stats is not None else default_norm_stats(),
+        action_dim=action_dim,
+        norm_stats=norm_stats
+        if norm_stats is not None
+        else default_norm_stats(action_dim=action_dim),
         value_head_hidden=[64, 32],
     )
 
 
-def default_norm_stats(key: str = "maniskill") -> dict[str, Any]:
-    """Identity-like statistics: q01=-1, q99=1 on the six arm dims, the gripper passes through."""
+def default_norm_stats(key: str = "maniskill", action_dim: int = 7) -> dict[str, Any]:
+    """Identity-like statistics: q01=-1, q99=1 on the arm dims, the gripper (last) passes
+    through."""
+    arm = action_dim - 1
     return {
         key: {
             "action": {
-                "q01": [-1.0] * 6 + [0.0],
-                "q99": [1.0] * 6 + [1.0],
-                "mask": [True] * 6 + [False],
+                "q01": [-1.0] * arm + [0.0],
+                "q99": [1.0] * arm + [1.0],
+                "mask": [True] * arm + [False],
             }
         }
     }

@@ -166,6 +166,17 @@ class OpenVLAPolicy(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.projector.fc1.weight.dtype
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in backward instead of storing them, block by block, in the LLM
+        and both vision towers (actor.fsdp_config.gradient_checkpointing): far less activation
+        memory at about one more forward's compute. Non-reentrant, so gradients reach LoRA
+        weights even where a block's input does not require grad."""
+        self.language_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        for tower in (self.vision_backbone.featurizer, self.vision_backbone.fused_featurizer):
+            tower.set_grad_checkpointing(True)
+
     @property
     def parallel(self) -> bool:
         return self.config.decoding == "parallel"
@@ -410,3 +421,13 @@ def aggregate_logprobs(token_logprobs: torch.Tensor, action_dim: int, level: str
     if level == "chunk":
         return per_action.sum(-1)
     raise ValueError(f"logprob level must be 'token', 'action' or 'chunk', got {level!r}")
+
+
+def aggregate_entropy(token_entropy: torch.Tensor, action_dim: int, level: str) -> torch.Tensor:
+    """Token entropies [B, C*action_dim] -> 'token' [B, C*D] or 'action' [B, C], where an
+    action's entropy is the sum of its tokens' (conditional) entropies, as RLinf's action_level."""
+    if level == "token":
+        return token_entropy
+    if level == "action":
+        return aggregate_logprobs(token_entropy, action_dim, "action")
+    raise ValueError(f"entropy level must be 'token' or 'action', got {level!r}")

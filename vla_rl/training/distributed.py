@@ -128,8 +128,17 @@ def _fsdp_units(policy: OpenVLAPolicy) -> list[nn.Module]:
     return units
 
 
-def shard_policy(policy: OpenVLAPolicy, device_mesh: DeviceMesh | None = None) -> OpenVLAPolicy:
+def shard_policy(
+    policy: OpenVLAPolicy,
+    device_mesh: DeviceMesh | None = None,
+    reshard_after_forward: bool = True,
+) -> OpenVLAPolicy:
     """Shard the policy with FSDP2 over all ranks (in place; returns it). No-op in one process.
+
+    `reshard_after_forward` True is ZeRO-3 (actor.fsdp_config.sharding_strategy full_shard):
+    each unit frees its gathered parameters after forward and gathers them again for backward;
+    False is ZeRO-2 (shard_grad_op): they stay gathered until backward, trading memory for
+    traffic.
 
     Apply LoRA before (the adapter parameters must exist) and build the optimizer after (it
     must hold the sharded parameters). Frozen base weights and trainable LoRA weights share
@@ -143,7 +152,7 @@ def shard_policy(policy: OpenVLAPolicy, device_mesh: DeviceMesh | None = None) -
     if device_mesh.ndim != 1:
         raise ValueError("shard_policy supports a 1-D (data-parallel) device mesh")
     for module in _fsdp_units(policy):
-        fully_shard(module, mesh=device_mesh)
+        fully_shard(module, mesh=device_mesh, reshard_after_forward=reshard_after_forward)
     # FSDP2 keeps the root unit's parameters gathered after forward unless told otherwise; after
     # a no-grad forward (the learner's recompute) no backward would reshard them, and the module
     # would go on exposing plain tensors in place of its sharded parameters.

@@ -13,8 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
-from vla_rl.algorithms import entropy_bonus, explained_variance, get_policy_loss, value_loss
-from vla_rl.models import OpenVLAPolicy, PromptBatch, aggregate_logprobs
+from vla_rl.algorithms import (
+    approx_kl,
+    behaviour_importance_weights,
+    entropy_bonus,
+    explained_variance,
+    get_policy_loss,
+    normalize_advantages,
+    value_loss,
+)
+from vla_rl.models import OpenVLAPolicy, PromptBatch, aggregate_entropy, aggregate_logprobs
 
 from .distributed import all_reduce_sums, clip_grad_norm, data_parallel
 
@@ -51,12 +59,24 @@ class PPOUpdateConfig:
     """Sampling temperature of the rollout; the training distribution must match it."""
     normalize_advantages: bool = True
     """Standardise advantages over the batch (PPO); GRPO's are already normalised per group."""
+    entropy_level: str = "action"
+    """Entropy bonus per 'action' (sum over its tokens, RLinf's action_level) or per 'token'."""
+    decoupled: bool = False
+    """Decoupled PPO: the batch's old_logprobs are the proximal policy's and the loss is weighted
+    by pi_prox / pi_behav from its behaviour_logprobs (for data collected by older policies)."""
+    behaviour_weight_cap: float | None = None
+    """Decoupled PPO: truncate pi_prox / pi_behav at this value; None: no truncation."""
+    kl_estimator: str = "k3"
+    """Estimator of the logged train/actor/approx_kl: 'k1', 'k2' or 'k3' (see `approx_kl`)."""
 
     def __post_init__(self) -> None:
-        if self.logprob_level not in ("token", "action", "chunk"):
-            raise ValueError(
-                f"logprob_level must be token/action/chunk, got {self.logprob_level!r}"
-            )
+        for name, value, choices in (
+            ("logprob_level", self.logprob_level, ("token", "action", "chunk")),
+            ("entropy_level", self.entropy_level, ("token", "action")),
+            ("kl_estimator", self.kl_estimator, ("k1", "k2", "k3")),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         for name in ("update_epochs", "num_mini_batches", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -68,6 +88,7 @@ def make_optimizer(
     value_lr: float,
     betas: tuple[float, float] = (0.9, 0.999),
     weight_decay: float = 0.0,
+    eps: float = 1e-8,
 ) -> torch.optim.AdamW:
     """AdamW with a separate learning rate for the value head (it starts from scratch)."""
     head = [
@@ -81,6 +102,7 @@ def make_optimizer(
     return torch.optim.AdamW(
         [{"params": rest, "lr": lr}, {"params": head, "lr": value_lr}],
         betas=betas,
+        eps=eps,
         weight_decay=weight_decay,
     )
 
@@ -92,21 +114,29 @@ class TrainBatch:
     images: torch.Tensor  # [N, 224, 224, 3] uint8
     prompts: PromptBatch  # [N, L]
     action_tokens: torch.Tensor  # [N, K]
-    old_logprobs: torch.Tensor  # [N, K] behaviour (or recomputed old) token log-probs
+    old_logprobs: torch.Tensor  # [N, K] token log-probs the ratio starts from (see below)
     advantages: torch.Tensor  # [N]
     returns: torch.Tensor  # [N]
     old_values: torch.Tensor  # [N]
     mask: torch.Tensor | None = None  # [N] bool: decisions that count in the loss
+    loss_weights: torch.Tensor | None = None  # [N] float: weight of each decision (None: 1)
+    behaviour_logprobs: torch.Tensor | None = None  # [N, K] the rollout's, for decoupled PPO
+    # old_logprobs are the learner's recompute under the weights before the update: with
+    # on-policy data they equal the behaviour policy's (up to engine numerics); with stale data
+    # they are the proximal policy of decoupled PPO and behaviour_logprobs correct for the gap.
 
     def __len__(self) -> int:
         return self.action_tokens.shape[0]
 
     def select(self, index: torch.Tensor) -> TrainBatch:
+        def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[index]
+
         prompts = PromptBatch(self.prompts.input_ids[index], self.prompts.attention_mask[index])
-        mask = None if self.mask is None else self.mask[index]
         return TrainBatch(
             self.images[index], prompts, self.action_tokens[index], self.old_logprobs[index],
-            self.advantages[index], self.returns[index], self.old_values[index], mask,
+            self.advantages[index], self.returns[index], self.old_values[index],
+            pick(self.mask), pick(self.loss_weights), pick(self.behaviour_logprobs),
         )  # fmt: skip
 
 
@@ -132,12 +162,17 @@ def ppo_update(
     policy.train()
     dp = data_parallel(policy)
     n = len(batch)
-    adv = batch.advantages.float()
     valid = torch.ones(n, dtype=torch.bool) if batch.mask is None else batch.mask.bool()
-    if cfg.normalize_advantages and valid.sum() > 1:
-        mean, std = adv[valid].mean(), adv[valid].std()
-        adv = torch.where(valid, (adv - mean) / (std + 1e-8), torch.zeros_like(adv))
-    batch = TrainBatch(**{**batch.__dict__, "advantages": adv, "mask": valid})
+    adv = batch.advantages.float()
+    if cfg.normalize_advantages:
+        adv = normalize_advantages(adv, valid)
+    weights = torch.ones(n) if batch.loss_weights is None else batch.loss_weights.float()
+    weights = torch.where(valid, weights, torch.zeros_like(weights))
+    if cfg.decoupled and batch.behaviour_logprobs is None:
+        raise ValueError("decoupled PPO needs the batch's behaviour_logprobs")
+    batch = TrainBatch(
+        **{**batch.__dict__, "advantages": adv, "mask": valid, "loss_weights": weights}
+    )
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
 
@@ -153,7 +188,14 @@ def ppo_update(
         order = torch.randperm(n, generator=generator)
         for m in range(cfg.num_mini_batches):
             mini = order[m * mini_size : (m + 1) * mini_size if m < cfg.num_mini_batches - 1 else n]
-            n_valid = max(int(valid[mini].sum()), 1)
+            mini_weight = float(weights[mini].sum())
+            if mini_weight <= 0:
+                # Nothing in it counts: no gradient, and no optimizer step either, since AdamW's
+                # momentum would still move the weights on a zero gradient. (Every rank holds
+                # the same batch and order, so all ranks skip together.)
+                record("actor/skipped_mini_batches", 1.0)
+                continue
+            record("actor/skipped_mini_batches", 0.0)
             optimizer.zero_grad(set_to_none=True)
             starts = list(range(0, len(mini), cfg.micro_batch_size))
             mine = starts[dp.rank :: dp.world_size]
@@ -163,12 +205,12 @@ def ppo_update(
                 if i < len(mine):
                     micro = batch.select(mini[mine[i] : mine[i] + cfg.micro_batch_size])
                     loss = _micro_loss(policy, micro, cfg, record)
-                    weight = int(micro.mask.sum()) / n_valid
+                    weight = float(micro.loss_weights.sum()) / mini_weight
                 else:
                     loss = _micro_loss(policy, batch.select(mini[:1]), cfg, None)
                     weight = 0.0
-                # The accumulated gradient is the mean over the mini-batch's valid decisions;
-                # FSDP averages over ranks, hence the factor world_size.
+                # The accumulated gradient is the weighted mean over the mini-batch's valid
+                # decisions; FSDP averages over ranks, hence the factor world_size.
                 (loss * (weight * dp.world_size)).backward()
             grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
             record("actor/grad_norm", grad_norm)
@@ -192,23 +234,39 @@ def _micro_loss(
     metrics unless `record` is None."""
     device = policy.device
     mask = micro.mask.to(device)
+    weights = micro.loss_weights.to(device)
     pv = policy.pixel_values(micro.images)
     logp, entropy, values = policy.evaluate_actions(
         pv, micro.prompts, micro.action_tokens, temperature=cfg.temperature
     )
     logp = _level(logp, policy, cfg.logprob_level)
     old = _level(micro.old_logprobs.to(device), policy, cfg.logprob_level)
-    a = micro.advantages.to(device).unsqueeze(-1)
+
+    # Per-decision tensors take the log-probs' shape: [N, E] per token/action, [N] per chunk.
+    def per_entry(x: torch.Tensor) -> torch.Tensor:
+        return x.view(-1, *([1] * (logp.dim() - 1))).expand_as(logp)
+
+    behaviour_weights = None
+    if cfg.decoupled:
+        behaviour = _level(micro.behaviour_logprobs.to(device), policy, cfg.logprob_level)
+        behaviour_weights, w_metrics = behaviour_importance_weights(
+            old, behaviour, cfg.behaviour_weight_cap, per_entry(mask)
+        )
+        if record is not None:
+            for name, value in w_metrics.items():
+                record(f"actor/{name}", value)
     pg_loss, pg_metrics = get_policy_loss("ppo")(
-        logp, old, a, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.dual_clip_c,
-        mask=mask.unsqueeze(-1).expand_as(logp),
+        logp, old, per_entry(micro.advantages.to(device)), cfg.clip_ratio_low,
+        cfg.clip_ratio_high, cfg.dual_clip_c, mask=per_entry(weights),
+        behaviour_weights=behaviour_weights,
     )  # fmt: skip
-    ent = entropy_bonus(entropy, mask.unsqueeze(-1).expand_as(entropy))
+    entropy = aggregate_entropy(entropy, policy.config.action_dim, cfg.entropy_level)
+    ent = entropy_bonus(entropy, weights.view(-1, 1).expand_as(entropy))
     loss = pg_loss - cfg.entropy_coef * ent
     if cfg.value_coef > 0:
         v_loss, v_metrics = value_loss(
             values, micro.old_values.to(device), micro.returns.to(device),
-            cfg.value_clip, cfg.huber_delta, mask=mask,
+            cfg.value_clip, cfg.huber_delta, mask=weights,
         )  # fmt: skip
         loss = loss + cfg.value_coef * v_loss
         if record is not None:
@@ -220,7 +278,7 @@ def _micro_loss(
             )
     if record is not None:
         record("actor/policy_loss", pg_loss)
-        record("actor/approx_kl", pg_metrics["approx_kl"])
+        record("actor/approx_kl", approx_kl(logp.detach(), old, per_entry(mask), cfg.kl_estimator))
         record("actor/clip_fraction", pg_metrics["clip_fraction"])
         record("actor/clipped_ratio", pg_metrics["clipped_ratio"])
         record("entropy_loss", ent)

@@ -1,0 +1,367 @@
+"""The learner's data path on hand-made segments: gather (held, stale, duplicate), batch building
+(GAE / GRPO, filtering, loss weights) and the update's handling of GRPO, chunk-level ratios,
+decoupled PPO and empty batches. Each test here failed on the learner before issue 8's fixes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from services.learner.batch import (
+    AdvantageConfig,
+    build_train_batch,
+    recompute_old,
+    stack_segments,
+)
+from services.learner.main import learner_plan
+from services.learner.trainer import Learner, LoopSettings
+from vla_rl.algorithms import (
+    behaviour_importance_weights,
+    compute_gae,
+    episode_loss_weights,
+    normalize_advantages,
+    ppo_policy_loss,
+)
+from vla_rl.buffer import Segment, from_url
+from vla_rl.config import ConfigError, load_config
+from vla_rl.models import PromptTokenizer, tiny_config
+from vla_rl.models.lora import LoRASettings, apply_lora
+from vla_rl.models.tiny import build_tiny_policy, build_tiny_tokenizer
+from vla_rl.training import PPOUpdateConfig, TrainBatch, ppo_update
+from vla_rl.training.demo import make_optimizer
+
+H = W = 224
+
+
+@pytest.fixture(scope="module")
+def prompts_of():
+    return PromptTokenizer(build_tiny_tokenizer())
+
+
+def make_segment(
+    index: int,
+    *,
+    iteration: int = 0,
+    policy_version: int | None = None,
+    rewards: list[float] | None = None,
+    terminated: list[bool] | None = None,
+    truncated: list[bool] | None = None,
+    success: list[bool] | None = None,
+    group_id: int = -1,
+    k: int = 7,
+    segment_id: str | None = None,
+) -> Segment:
+    rewards = rewards if rewards is not None else [0.0, 0.0, 0.0, 0.0]
+    t = len(rewards)
+    rng = np.random.default_rng(index)
+    return Segment(
+        segment_id=segment_id or f"run-env0-{iteration}-{index}",
+        run_id="run",
+        policy_version=iteration if policy_version is None else policy_version,
+        iteration=iteration,
+        group_id=group_id,
+        task_id="PickCube-v1",
+        images=rng.integers(0, 256, (t, H, W, 3), dtype=np.uint8),
+        instructions=["pick up the red cube"] * t,
+        action_tokens=rng.integers(31744, 32000, (t, k), dtype=np.int64),
+        behaviour_logprobs=np.full((t, k), -5.5, np.float32),
+        rewards=np.asarray(rewards, np.float32),
+        terminated=np.asarray(terminated or [False] * t, bool),
+        truncated=np.asarray(truncated or [False] * t, bool),
+        success=np.asarray(success or [False] * t, bool),
+        bootstrap_image=rng.integers(0, 256, (H, W, 3), dtype=np.uint8),
+        bootstrap_instruction="pick up the red cube",
+    )
+
+
+def grpo_group(group: int, success_at: list[int | None], t: int = 6) -> list[Segment]:
+    """Episodes of one group: a success at step s ends the episode there (reward 1, terminated);
+    None is a failure that runs to the time limit (reward 0, truncated at the last step)."""
+    out = []
+    for member, s in enumerate(success_at):
+        rewards, term, trunc, succ = [0.0] * t, [False] * t, [False] * t, [False] * t
+        if s is None:
+            trunc[-1] = True
+        else:
+            rewards[s], term[s], succ[s] = 1.0, True, True
+        out.append(
+            make_segment(
+                10 * group + member,
+                rewards=rewards,
+                terminated=term,
+                truncated=trunc,
+                success=succ,
+                group_id=group,
+            )  # fmt: skip
+        )
+    return out
+
+
+# ------------------------------------------------------------------ 1. GRPO keeps its signs
+
+
+def test_grpo_failures_never_get_a_positive_advantage(prompts_of):
+    """Groups of unequal episode lengths: successes end early, failures run long. The per-decision
+    re-standardisation that the learner used to apply made every failure positive here."""
+    segments = grpo_group(0, [0, None, None, None]) + grpo_group(1, [0, 1, 0, None])
+    policy = build_tiny_policy()
+    batch, _ = build_train_batch(
+        policy, prompts_of, stack_segments(segments), AdvantageConfig("grpo"), 1.0, 8
+    )
+    cfg = load_config(None, ["algorithm.adv_type=grpo", "algorithm.loss_type=actor",
+                             "algorithm.group_size=2", "env.train.total_num_envs=8"])  # fmt: skip
+    update = learner_plan(cfg).update
+    assert update.normalize_advantages is False
+    failed = torch.tensor([not s.success.any() for s in segments]).repeat(6)  # [T*N], t-major
+    valid = batch.mask.bool()
+    adv = batch.advantages
+    assert (adv[failed & valid] < 0).all() and (adv[~failed & valid] > 0).all()
+    # What the old path did to the same batch: standardising per decision flips the failures.
+    flipped = normalize_advantages(adv, valid)
+    assert (flipped[failed & valid] > 0).any()
+
+
+def test_grpo_with_normalize_advantages_true_is_refused():
+    with pytest.raises(ConfigError, match="algorithm.normalize_advantages"):
+        load_config(None, ["algorithm.adv_type=grpo", "algorithm.loss_type=actor",
+                           "algorithm.group_size=2", "algorithm.normalize_advantages=true"])  # fmt: skip
+    assert load_config(None).algorithm.normalize_advantages is True  # null means true for gae
+
+
+# -------------------------------------------------------------- 2. chunk-level ratios work
+
+
+@pytest.mark.parametrize("decoding,chunk", [("autoregressive", 1), ("parallel", 2)])
+@pytest.mark.parametrize("level", ["token", "action", "chunk"])
+def test_update_runs_at_every_logprob_level(decoding, chunk, level, prompts_of, images):
+    policy = apply_lora(build_tiny_policy(tiny_config(decoding=decoding, action_chunk=chunk)),
+                        LoRASettings(rank=4))  # fmt: skip
+    prompts = prompts_of(["pick up the red cube"] * 3)
+    out = policy.generate(policy.pixel_values(images), prompts, generator=torch.Generator())
+    batch = TrainBatch(images, prompts, out.action_tokens, out.logprobs,
+                       torch.tensor([1.0, -1.0, 0.5]), torch.zeros(3), out.values)  # fmt: skip
+    before = [p.detach().clone() for p in policy.parameters() if p.requires_grad]
+    metrics = ppo_update(
+        policy, make_optimizer(policy, 1e-3, 1e-3), batch,
+        PPOUpdateConfig(logprob_level=level, micro_batch_size=2),
+    )  # fmt: skip
+    assert math.isfinite(metrics["actor/policy_loss"])
+    after = [p for p in policy.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+# ---------------------------------------------------------------------- 3. decoupled PPO
+
+
+def test_decoupled_ppo_loss_on_hand_made_numbers():
+    """One entry: pi = 0.5, pi_prox = 0.4, pi_behav = 0.2, A = 1, clip 0.2.
+    ratio = 0.5 / 0.4 = 1.25, clipped to 1.2 (A > 0 takes the min); weight = 0.4 / 0.2 = 2."""
+    logp = torch.tensor([math.log(0.5)], requires_grad=True)
+    prox, behav = torch.tensor([math.log(0.4)]), torch.tensor([math.log(0.2)])
+    weights, metrics = behaviour_importance_weights(prox, behav)
+    assert weights.item() == pytest.approx(2.0)
+    loss, _ = ppo_policy_loss(logp, prox, torch.ones(1), 0.2, 0.2, behaviour_weights=weights)
+    assert loss.item() == pytest.approx(-2.4)
+    # Truncated at 1.5: the weight is capped and counted.
+    capped, metrics = behaviour_importance_weights(prox, behav, cap=1.5)
+    assert capped.item() == pytest.approx(1.5)
+    assert metrics["behaviour_weight_capped_fraction"].item() == 1.0
+    assert metrics["behaviour_weight_max"].item() == pytest.approx(2.0)
+    # Inside the clip range the gradient is the weighted on-policy one: d/dlogp (-w * r * A).
+    logp2 = torch.tensor([math.log(0.42)], requires_grad=True)
+    loss2, _ = ppo_policy_loss(logp2, prox, torch.ones(1), 0.2, 0.2, behaviour_weights=weights)
+    loss2.backward()
+    assert logp2.grad.item() == pytest.approx(-2.0 * 0.42 / 0.4)
+
+
+def test_decoupled_update_uses_the_behaviour_log_probs(prompts_of, images):
+    def run(behaviour_shift: torch.Tensor, decoupled: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        policy = apply_lora(build_tiny_policy(), LoRASettings(rank=4))
+        prompts = prompts_of(["pick up the red cube"] * 3)
+        out = policy.generate(policy.pixel_values(images), prompts, generator=torch.Generator())
+        batch = TrainBatch(
+            images, prompts, out.action_tokens, out.logprobs, torch.tensor([1.0, -1.0, 0.5]),
+            torch.zeros(3), out.values, behaviour_logprobs=out.logprobs + behaviour_shift[:, None],
+        )  # fmt: skip
+        cfg = PPOUpdateConfig(
+            decoupled=decoupled, normalize_advantages=False, value_coef=0.0, max_grad_norm=1e6
+        )
+        opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+        ppo_update(policy, opt, batch, cfg, torch.Generator().manual_seed(0))
+        return [p.detach() for p in policy.parameters() if p.requires_grad]
+
+    plain = run(torch.zeros(3), decoupled=False)
+    same = run(torch.zeros(3), decoupled=True)  # behaviour == proximal: weights are 1
+    # Samples 0 and 2 were less / more likely under the behaviour policy: weights e^(-+0.05).
+    shifted = run(torch.tensor([-0.05, 0.0, 0.05]), decoupled=True)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, same, strict=True))
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, shifted, strict=True))
+
+
+def test_max_staleness_turns_decoupled_ppo_on():
+    on = learner_plan(load_config(None, ["algorithm.max_staleness=1"]))
+    off = learner_plan(load_config(None))
+    assert on.update.decoupled and not off.update.decoupled
+    assert on.loop.max_staleness == 1
+
+
+# ------------------------------------------------------------------------ 4. NaN containment
+
+
+def test_gae_keeps_a_nan_inside_its_own_episode():
+    """Column 0: episode A ends (terminated) at step 1; episode B then has a NaN reward."""
+    rewards = torch.tensor([[1.0], [1.0], [float("nan")], [0.0]])
+    values = torch.tensor([[0.5], [0.5], [0.5], [float("nan")]])
+    terminated = torch.tensor([[False], [True], [False], [False]])
+    truncated = torch.zeros_like(terminated)
+    adv, _ = compute_gae(rewards, values, values.roll(-1, 0), terminated, truncated, 0.9, 0.8)
+    assert torch.isfinite(adv[:2]).all(), adv
+
+
+def test_update_on_an_all_masked_batch_does_not_move_the_weights(prompts_of, images):
+    policy = apply_lora(build_tiny_policy(), LoRASettings(rank=4))
+    prompts = prompts_of(["pick up the red cube"] * 3)
+    out = policy.generate(policy.pixel_values(images), prompts)
+    optimizer = make_optimizer(policy, 1e-2, 1e-2)
+    batch = TrainBatch(images, prompts, out.action_tokens, out.logprobs,
+                       torch.tensor([1.0, -1.0, 0.5]), torch.zeros(3), out.values)  # fmt: skip
+    ppo_update(policy, optimizer, batch, PPOUpdateConfig())  # AdamW now has momentum
+    before = [p.detach().clone() for p in policy.parameters() if p.requires_grad]
+    masked = TrainBatch(**{**batch.__dict__, "mask": torch.zeros(3, dtype=torch.bool)})
+    metrics = ppo_update(policy, optimizer, masked, PPOUpdateConfig())
+    after = [p.detach() for p in policy.parameters() if p.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert metrics["actor/skipped_mini_batches"] == 1.0
+
+
+# ------------------------------------------------------ 5. mid-segment truncation is refused
+
+
+def test_segment_truncated_before_its_last_step_is_invalid(prompts_of):
+    bad = make_segment(0, truncated=[False, True, False, False])
+    with pytest.raises(ValueError, match="truncated at step 1 of 4"):
+        bad.validate()
+    with pytest.raises(ValueError, match="truncated before its last step"):
+        build_train_batch(
+            build_tiny_policy(), prompts_of, stack_segments([bad]), AdvantageConfig(), 1.0, 8
+        )
+
+
+# ------------------------------------------------------------- gather: held, stale, duplicate
+
+
+def _learner(buffer, segments_per_iteration: int, max_staleness: int = 0) -> Learner:
+    policy = apply_lora(build_tiny_policy(), LoRASettings(rank=4))
+    return Learner(
+        policy, None, make_optimizer(policy, 1e-3, 1e-3), buffer, lambda blob, v: None,
+        PPOUpdateConfig(),
+        AdvantageConfig(),
+        LoopSettings(segments_per_iteration, 10, checkpoint_dir=None, max_staleness=max_staleness),
+    )  # fmt: skip
+
+
+def test_gather_holds_later_iterations_and_drops_stale_and_duplicate_segments():
+    buffer = from_url("memory://", stream="gather-test", group="learner")
+    learner = _learner(buffer, segments_per_iteration=2, max_staleness=1)
+    learner.iteration = learner.policy_version = 3
+    buffer.put(make_segment(0, iteration=2))  # an iteration already trained: dropped
+    buffer.put(make_segment(1, iteration=4))  # the next iteration: held
+    buffer.put(make_segment(2, iteration=3, policy_version=1))  # 2 versions behind: dropped
+    buffer.put(make_segment(3, iteration=3, policy_version=2))  # 1 behind: allowed
+    buffer.put(make_segment(4, iteration=3, segment_id="run-env0-3-3"))  # same id: dropped
+    buffer.put(make_segment(5, iteration=3))
+    got = learner.gather()
+    assert sorted(r.segment.segment_id for r in got) == ["run-env0-3-3", "run-env0-3-5"]
+    assert learner.stale_dropped == 2
+    assert [r.segment.iteration for r in learner._held] == [4]
+    # Dropped ones are acked at once; the taken and the held ones stay pending until committed.
+    assert buffer.pending() == 3
+    learner.iteration = learner.policy_version = 4
+    buffer.put(make_segment(6, iteration=4))
+    assert sorted(r.segment.segment_id for r in learner.gather()) == [
+        "run-env0-4-1",
+        "run-env0-4-6",
+    ]
+
+
+def test_gather_returns_none_when_stopped_and_keeps_what_it_had():
+    buffer = from_url("memory://", stream="gather-stop", group="learner")
+    learner = _learner(buffer, segments_per_iteration=2)
+    buffer.put(make_segment(0))
+    assert learner.gather(stop=lambda: True) is None
+    buffer.put(make_segment(1))
+    assert len(learner.gather()) == 2
+
+
+# ----------------------------------------------------------------------- build_train_batch
+
+
+def test_build_train_batch_gae_matches_the_reference(prompts_of):
+    """GAE on recomputed values, with the bootstrap value at a time-limit cut on the last step."""
+    segments = [
+        make_segment(0, rewards=[0.1, 0.2, 0.3, 0.4], truncated=[False, False, False, True]),
+        make_segment(1, rewards=[0.0, 1.0, 0.5, 0.0], terminated=[False, True, False, False]),
+    ]
+    policy = build_tiny_policy()
+    seg = stack_segments(segments)
+    cfg = AdvantageConfig("gae", gamma=0.9, gae_lambda=0.8)
+    batch, stats = build_train_batch(policy, prompts_of, seg, cfg, 1.0, 3)
+    values = batch.old_values.view(4, 2)
+    _, last = recompute_old(
+        policy, seg.bootstrap_images, prompts_of(seg.bootstrap_instructions), None, 1.0, 3
+    )
+    for n in range(2):  # a plain loop per column
+        adv, expected = 0.0, []
+        for t in reversed(range(4)):
+            term, trunc = bool(seg.terminated[t, n]), bool(seg.truncated[t, n])
+            next_value = float(last[n]) if t == 3 else float(values[t + 1, n])
+            delta = (
+                float(seg.rewards[t, n]) + 0.9 * (0.0 if term else next_value) - float(values[t, n])
+            )
+            adv = delta + (0.0 if (term or trunc) else 0.9 * 0.8 * adv)
+            expected.append(adv)
+        expected.reverse()
+        got = batch.advantages.view(4, 2)[:, n]
+        assert torch.allclose(got, torch.tensor(expected), atol=1e-5), (got, expected)
+    assert batch.behaviour_logprobs.shape == batch.old_logprobs.shape
+    assert torch.equal(batch.loss_weights, torch.ones(8))
+    assert stats["rollout/rewards"] == pytest.approx(float(seg.rewards.mean()))
+
+
+def test_build_train_batch_grpo_filters_groups_by_success_rate(prompts_of):
+    segments = grpo_group(0, [1, None]) + grpo_group(1, [None, None]) + grpo_group(2, [0, 2])
+    policy = build_tiny_policy()
+    seg = stack_segments(segments)
+    keep_mixed = AdvantageConfig("grpo", filter_rewards=True)  # bounds 0.1 .. 0.9
+    batch, stats = build_train_batch(policy, prompts_of, seg, keep_mixed, 1.0, 8)
+    kept_columns = batch.mask.view(6, 6).any(0).tolist()
+    assert kept_columns == [True, True, False, False, False, False]
+    assert stats["rollout/groups_kept_fraction"] == pytest.approx(2 / 6)
+    keep_all_but_failures = AdvantageConfig(
+        "grpo", filter_rewards=True, rewards_lower_bound=0.1, rewards_upper_bound=1.0
+    )
+    batch, _ = build_train_batch(policy, prompts_of, seg, keep_all_but_failures, 1.0, 8)
+    assert batch.mask.view(6, 6).any(0).tolist() == [True, True, False, False, True, True]
+
+
+def test_seq_mean_token_mean_weights_every_episode_equally(prompts_of):
+    terminated = torch.tensor([[False, False], [True, False], [False, False], [False, False]])
+    truncated = torch.tensor([[False, False], [False, False], [False, False], [False, True]])
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    weights = episode_loss_weights(terminated, truncated, mask)
+    # Column 0: an episode of 2 decisions, then a piece of 2; column 1: one episode of 4.
+    assert weights[:, 0].tolist() == [0.5, 0.5, 0.5, 0.5]
+    assert weights[:, 1].tolist() == [0.25] * 4
+    mask[3, 0] = False  # a masked decision shortens its piece
+    assert episode_loss_weights(terminated, truncated, mask)[:, 0].tolist() == [0.5, 0.5, 1.0, 0.0]
+    seg = stack_segments(grpo_group(0, [0, None], t=4))
+    batch, _ = build_train_batch(
+        build_tiny_policy(), prompts_of, seg,
+        AdvantageConfig("grpo", loss_agg_func="seq-mean-token-mean"), 1.0, 8,
+    )  # fmt: skip
+    # GRPO trains on each env's first episode: 1 decision (success at 0) and 4 (failure).
+    assert batch.loss_weights.view(4, 2).sum(0).tolist() == [1.0, 1.0]
