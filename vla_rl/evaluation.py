@@ -69,9 +69,19 @@ def evaluate(
     video_dir: str | Path | None = None,
     info_on_video: bool = True,
     temperature: float | None = None,
+    *,
+    env_type: str = "maniskill",
+    image_size: int = 224,
+    control_mode: str | None = "pd_ee_delta_pose",
+    reward_mode: str = "normalized_dense",
 ) -> EvalResult:
     """Run `episodes` episodes (tasks round-robin, seeds seed, seed+1, ...) to success,
-    termination, the env's time limit or `max_steps`. temperature None means greedy."""
+    termination, the env's time limit or `max_steps`. temperature None means greedy.
+
+    env_type, image_size, control_mode and reward_mode configure the env server's session env
+    as env.eval's keys of the same names do; control_mode None means the task's default
+    controller (which must take the policy's 7-d actions, or Reset fails with INVALID_ARGUMENT).
+    """
     result = EvalResult()
     rollout = RolloutClient(rollout_target)
     channel = make_channel(env_target)
@@ -81,7 +91,16 @@ def evaluate(
         for ep in range(episodes):
             task_id = task_ids[ep % len(task_ids)]
             reply = env.Reset(
-                env_pb2.ResetRequest(task_id=task_id, seed=seed + ep, session_id=session),
+                env_pb2.ResetRequest(
+                    task_id=task_id,
+                    seed=seed + ep,
+                    session_id=session,
+                    env_type=env_type,
+                    image_size=image_size,
+                    # Always set: "" asks for the task's default (unset would mean pd_ee_delta_pose).
+                    control_mode=control_mode or "",
+                    reward_mode=reward_mode,
+                ),
                 timeout=DEFAULT_DEADLINE_S["reset"],
             )
             session = reply.session_id

@@ -40,8 +40,9 @@ class EnvPoolConfig:
     """Number of envs in the pool (at least len(task_ids))."""
     sim_backend: str = "cpu"
     """"cpu": one env per subprocess; "gpu": ManiSkill's batched physx_cuda sim, one task."""
-    control_mode: str = "pd_ee_delta_pose"
-    """ManiSkill controller; pd_ee_delta_pose takes 7-d actions (xyz, rpy deltas, gripper)."""
+    control_mode: str | None = "pd_ee_delta_pose"
+    """ManiSkill controller; pd_ee_delta_pose takes 7-d actions (xyz, rpy deltas, gripper).
+    None: the task's default controller (no control_mode is passed to gym.make)."""
     image_size: int = 224
     """Height and width of the rendered camera images, in pixels."""
     camera: str = "base_camera"
@@ -63,6 +64,9 @@ class EnvPoolConfig:
     another in this process) or "auto" (in process for one env, subprocesses otherwise)."""
     worker_start_timeout_s: float = 300.0
     """How long to wait for an env subprocess to import ManiSkill and build its env."""
+    action_dim: int | None = None
+    """Action size every env must take (the policy's, 7); the pool then fails to build with a
+    ValueError naming control_mode and the action space. None: whatever the controller takes."""
 
     def __post_init__(self) -> None:
         if isinstance(self.task_ids, str) or not isinstance(self.task_ids, (list, tuple)):
@@ -85,8 +89,13 @@ class EnvPoolConfig:
             raise ValueError(
                 f"task_ids: sim_backend 'gpu' runs one task for all envs, got {self.task_ids!r}"
             )
-        if not isinstance(self.control_mode, str) or not self.control_mode:
-            raise ValueError(f"control_mode must be a non-empty string, got {self.control_mode!r}")
+        if self.control_mode is not None and (
+            not isinstance(self.control_mode, str) or not self.control_mode
+        ):
+            raise ValueError(
+                f"control_mode must be a non-empty string or None (the task's default), "
+                f"got {self.control_mode!r}"
+            )
         if not _is_int(self.image_size) or not 16 <= self.image_size <= 2048:
             raise ValueError(
                 f"image_size must be an integer in [16, 2048], got {self.image_size!r}"
@@ -123,6 +132,8 @@ class EnvPoolConfig:
             raise ValueError(
                 f"worker_start_timeout_s must be > 0, got {self.worker_start_timeout_s!r}"
             )
+        if self.action_dim is not None and (not _is_int(self.action_dim) or self.action_dim < 1):
+            raise ValueError(f"action_dim must be None or an integer >= 1, got {self.action_dim!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> EnvPoolConfig:
@@ -202,7 +213,16 @@ class EnvPool:
             self._backend = _InProcessEnvs(config, self.task_ids, self._instructions)
         else:
             self._backend = _SubprocessEnvs(config, self.task_ids, self._instructions)
-        self.action_dim = self._backend.action_dim
+        try:
+            self.action_dim = _pool_action_dim(config, self.task_ids, self._backend.env_infos)
+        except BaseException:
+            self._backend.close()
+            raise
+        # The controller each task's envs run (the task's default when control_mode is None).
+        self.controllers: dict[str, str] = {
+            t: info["control_mode"]
+            for t, info in zip(self.task_ids, self._backend.env_infos, strict=True)
+        }
         self._closed = False
 
     @property
@@ -302,15 +322,145 @@ class EnvPool:
 
 
 def _make_kwargs(config: EnvPoolConfig, num_envs: int, sim_backend: str) -> dict[str, Any]:
-    return dict(
+    kwargs = dict(
         num_envs=num_envs,
         obs_mode="rgb",
-        control_mode=config.control_mode,
         reward_mode=config.reward_mode,
         sim_backend=sim_backend,
         sensor_configs=dict(width=config.image_size, height=config.image_size),
         max_episode_steps=config.max_episode_steps,
     )
+    if config.control_mode is not None:  # None: the task's (or its robot's) default controller
+        kwargs["control_mode"] = config.control_mode
+    return kwargs
+
+
+def _make_env(task_id: str, kwargs: dict[str, Any]) -> Any:
+    """gym.make; an unknown controller becomes a ValueError naming control_mode."""
+    import gymnasium as gym
+    import mani_skill.envs  # noqa: F401
+
+    try:
+        return gym.make(task_id, **kwargs)
+    except AssertionError as err:  # ManiSkill asserts "<mode> not in supported modes: [...]"
+        if "supported modes" in str(err):
+            raise ValueError(
+                f"control_mode {kwargs.get('control_mode')!r} is not a controller of "
+                f"{task_id}'s robot: {err}"
+            ) from err
+        raise
+
+
+def _env_info(env: Any) -> dict[str, Any]:
+    """What the pool checks and reports about a built env: its controller and action space."""
+    base = env.unwrapped
+    space = base.single_action_space
+    return {
+        "action_dim": int(np.prod(space.shape)),
+        "control_mode": str(base.control_mode),
+        "action_space": f"{type(space).__name__}{tuple(space.shape)}",
+    }
+
+
+def check_action_space(
+    action_dim: int, control_mode: str | None, task_ids: list[str], infos: list[dict[str, Any]]
+) -> None:
+    """ValueError naming control_mode and the action space unless every env (infos[i] describes
+    task_ids[i], as _env_info or probe_controllers give) takes action_dim-d actions."""
+    bad = {t: i for t, i in zip(task_ids, infos, strict=True) if i["action_dim"] != action_dim}
+    if bad:
+        asked = (
+            f"control_mode {control_mode!r}"
+            if control_mode is not None
+            else "control_mode unset (the task's default controller)"
+        )
+        found = "; ".join(
+            f"{t} runs controller {i['control_mode']!r} with action space "
+            f"{i['action_space']} ({i['action_dim']}-d)"
+            for t, i in bad.items()
+        )
+        raise ValueError(
+            f"{asked}: {found}, but the policy's actions are {action_dim}-d; set control_mode "
+            f"to a controller that takes {action_dim}-d actions (e.g. pd_ee_delta_pose: xyz "
+            "and rpy deltas and the gripper)"
+        )
+
+
+def _pool_action_dim(config: EnvPoolConfig, task_ids: list[str], infos: list[dict]) -> int:
+    """The pool's action size: every env's must equal config.action_dim (when set) and each other."""
+    if config.action_dim is not None:
+        check_action_space(config.action_dim, config.control_mode, task_ids, infos)
+    return _common_action_dim([i["action_dim"] for i in infos], task_ids)
+
+
+def _probe_main(
+    conn: Any, task_ids: list[str], control_mode: str | None, task_modules: list[str]
+) -> None:
+    """probe_controllers' subprocess: build each task's env without rendering, report it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import_task_modules(task_modules)
+        infos = []
+        for task_id in task_ids:
+            kwargs: dict[str, Any] = dict(
+                num_envs=1, obs_mode="none", sim_backend="physx_cpu", render_backend="none"
+            )
+            if control_mode is not None:
+                kwargs["control_mode"] = control_mode
+            env = _make_env(task_id, kwargs)
+            try:
+                infos.append(_env_info(env))
+            finally:
+                env.close()
+        conn.send(("ok", infos))
+    except BaseException as err:
+        conn.send(("error", type(err).__name__, str(err), traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def probe_controllers(
+    task_ids: list[str],
+    control_mode: str | None,
+    task_modules: list[str] | tuple[str, ...] = (),
+    timeout_s: float = 60.0,
+) -> list[dict[str, Any]]:
+    """The controller and action space that each task's env gets with control_mode (None: the
+    task's default), as _env_info describes them: one env per task built with CPU physics and no
+    rendering (no scene is rendered, so it takes about a second after the imports) in a spawned
+    subprocess, which leaves no simulator state in this process. ValueError for an unknown
+    controller or task module, RuntimeError when the subprocess fails or exceeds timeout_s."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(
+        target=_probe_main,
+        args=(child, list(task_ids), control_mode, list(task_modules)),
+        name="env-controller-probe",
+        daemon=True,
+    )
+    proc.start()
+    child.close()
+    try:
+        if not parent.poll(timeout_s):
+            raise RuntimeError(f"controller probe of {task_ids} gave no reply in {timeout_s:.0f} s")
+        try:
+            reply = parent.recv()
+        except EOFError as err:
+            raise RuntimeError(
+                f"controller probe of {task_ids} exited with code {proc.exitcode}"
+            ) from err
+    finally:
+        parent.close()
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(timeout=5)
+    if reply[0] == "ok":
+        return reply[1]
+    _, kind, message, trace = reply
+    if kind == "ValueError":
+        raise ValueError(message)
+    raise RuntimeError(f"controller probe of {task_ids} failed: {kind}: {message}\n{trace}")
 
 
 def _camera_rgb(obs: dict, camera: str) -> Any:
@@ -343,15 +493,13 @@ class _SingleEnv:
     """One ManiSkill env (CPU physics) with same-step auto-reset and episode statistics."""
 
     def __init__(self, config: EnvPoolConfig, task_id: str, instruction: str | None) -> None:
-        import gymnasium as gym
-        import mani_skill.envs  # noqa: F401
-
         self.task_id = task_id
         self.camera = config.camera
         self.ignore_terminations = config.ignore_terminations
         self._fallback_instruction = instruction
-        self.env = gym.make(task_id, **_make_kwargs(config, 1, "physx_cpu"))
-        self.action_dim = int(np.prod(self.env.unwrapped.single_action_space.shape))
+        self.env = _make_env(task_id, _make_kwargs(config, 1, "physx_cpu"))
+        self.info = _env_info(self.env)
+        self.action_dim = self.info["action_dim"]
         sensors = getattr(self.env.unwrapped, "_sensors", None)
         if sensors is not None and config.camera not in sensors:
             self.env.close()
@@ -411,7 +559,8 @@ class _SingleEnv:
 
 
 class _Backend:
-    action_dim: int
+    env_infos: list[dict[str, Any]]
+    """Per env: action_dim, control_mode (the controller it runs) and action_space (_env_info)."""
 
     def reset(self, seeds: list[int]) -> tuple[np.ndarray, list[str]]:
         raise NotImplementedError
@@ -453,7 +602,7 @@ class _InProcessEnvs(_Backend):
         except BaseException:
             self.close()
             raise
-        self.action_dim = _common_action_dim([e.action_dim for e in self.envs], task_ids)
+        self.env_infos = [e.info for e in self.envs]
 
     def reset(self, seeds: list[int]) -> tuple[np.ndarray, list[str]]:
         results = [env.reset(s) for env, s in zip(self.envs, seeds, strict=True)]
@@ -480,7 +629,7 @@ def _worker_main(conn: Any, config: EnvPoolConfig, task_id: str, instruction: st
     try:
         import_task_modules(config.task_modules)
         env = _SingleEnv(config, task_id, instruction)
-        conn.send(("ok", env.action_dim))
+        conn.send(("ok", env.info))
     except BaseException as err:
         conn.send(("error", type(err).__name__, str(err), traceback.format_exc()))
         return
@@ -522,11 +671,12 @@ class _SubprocessEnvs(_Backend):
                 child.close()
                 self.conns.append(parent)
                 self.procs.append(proc)
-            dims = [self._recv(i, config.worker_start_timeout_s) for i in range(len(task_ids))]
+            self.env_infos = [
+                self._recv(i, config.worker_start_timeout_s) for i in range(len(task_ids))
+            ]
         except BaseException:
             self.close()
             raise
-        self.action_dim = _common_action_dim(dims, task_ids)
 
     def _recv(self, i: int, timeout_s: float | None = None) -> Any:
         conn, proc = self.conns[i], self.procs[i]
@@ -618,20 +768,18 @@ class _GpuBatchedEnvs(_Backend):
                 "sim_backend='gpu' needs a CUDA GPU (ManiSkill's physx_cuda); none is visible "
                 "here: use sim_backend='cpu'"
             )
-        import gymnasium as gym
-        import mani_skill.envs  # noqa: F401
-
         self.config = config
         self.n = config.num_envs
         self.instruction = instruction
-        self.env = gym.make(config.task_ids[0], **_make_kwargs(config, self.n, sim_backend))
+        self.env = _make_env(config.task_ids[0], _make_kwargs(config, self.n, sim_backend))
         base = self.env.unwrapped
         if base.reconfiguration_freq != 0 and self.n > 1:
+            self.env.close()
             raise ValueError(
                 f"{config.task_ids[0]} reconfigures on reset; partial resets need "
                 "reconfiguration_freq=0"
             )
-        self.action_dim = int(np.prod(base.single_action_space.shape))
+        self.env_infos = [_env_info(self.env)] * self.n
         self.device = base.device
         self.instructions = [instruction or ""] * self.n
         self.returns = np.zeros(self.n, dtype=np.float64)

@@ -18,17 +18,38 @@ from vla_rl.rpc.server import map_errors
 from vla_rl.rpc.tensors import from_tensor, to_tensor
 
 from .collector import CollectionConfig, Collector
-from .env_pool import EnvPool, EnvPoolConfig
+from .env_pool import EnvPool, EnvPoolConfig, check_action_space, probe_controllers
 from .tasks import import_task_modules, resolve_task
 
 log = logging.getLogger("vla_rl.env_server")
 
 MAX_SESSIONS = 8
 SESSION_IDLE_S = 600.0
+ENV_TYPES = ("maniskill",)
+"""Simulators this env server runs ("" in a request means "maniskill", for older clients)."""
+POLICY_ACTION_DIM = 7
+"""Size of the policy's actions (xyz, rpy deltas, gripper): every env's controller must take it."""
+RESET_CONTROL_MODE = "pd_ee_delta_pose"
+"""The controller of a ResetRequest that leaves control_mode unset (older clients)."""
+PROBE_TIMEOUT_S = 20.0
+"""How long StartCollection waits for its controller check (StartCollection's deadline is 30 s)."""
+DEFAULT_IMAGE_SIZE = 224
+DEFAULT_REWARD_MODE = "normalized_dense"
+
+
+def check_env_type(env_type: str) -> str:
+    """The request's env_type ("" = "maniskill"); ValueError naming it when this server has none."""
+    env_type = env_type or "maniskill"
+    if env_type not in ENV_TYPES:
+        raise ValueError(
+            f"env_type {env_type!r} is not supported; this env server runs {ENV_TYPES}"
+        )
+    return env_type
 
 
 def collection_config(req: env_pb2.StartCollectionRequest, server_id: str) -> CollectionConfig:
     """Proto -> CollectionConfig; every check raises ValueError naming the field."""
+    check_env_type(req.env_type)
     if not req.task_ids:
         raise ValueError("task_ids is empty")
     import_task_modules(req.task_modules)
@@ -44,12 +65,14 @@ def collection_config(req: env_pb2.StartCollectionRequest, server_id: str) -> Co
         task_ids=list(req.task_ids),
         num_envs=req.num_envs,
         sim_backend=req.sim_backend or "cpu",
-        control_mode=req.control_mode or "pd_ee_delta_pose",
-        image_size=req.image_size or 224,
+        # "": the task's default controller (ManiSkill picks it; nothing is passed to gym.make).
+        control_mode=req.control_mode or None,
+        image_size=req.image_size or DEFAULT_IMAGE_SIZE,
         max_episode_steps=req.max_episode_steps,
-        reward_mode=req.reward_mode or "normalized_dense",
+        reward_mode=req.reward_mode or DEFAULT_REWARD_MODE,
         seed=req.seed,
         task_modules=list(req.task_modules),
+        action_dim=POLICY_ACTION_DIM,
     )
     return CollectionConfig(
         run_id=req.run_id or "run",
@@ -65,10 +88,62 @@ def collection_config(req: env_pb2.StartCollectionRequest, server_id: str) -> Co
     )
 
 
+def check_controllers(
+    pool: EnvPoolConfig, task_ids: list[str] | None = None, timeout_s: float = PROBE_TIMEOUT_S
+) -> None:
+    """Check, before any env of the collection is built, that the pool's controller gives each
+    task (default: the pool's tasks) a pool.action_dim-d action space: a ValueError names
+    control_mode and the action space. A probe that fails otherwise (e.g. a task that only
+    builds on GPU physics, or a slow start) is logged and left to the collection's own pool,
+    which checks the same when it is built."""
+    tasks = list(dict.fromkeys(task_ids or pool.task_ids))
+    try:
+        infos = probe_controllers(tasks, pool.control_mode, pool.task_modules, timeout_s)
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the collection's pool checks again
+        log.warning("controller check of %s skipped: %s", tasks, err)
+        return
+    if pool.action_dim is not None:
+        check_action_space(pool.action_dim, pool.control_mode, tasks, infos)
+
+
+def reset_pool_config(req: env_pb2.ResetRequest) -> EnvPoolConfig:
+    """ResetRequest -> the config of its session's one-env pool; ValueError naming the field."""
+    check_env_type(req.env_type)
+    resolve_task(req.task_id)
+    if req.HasField("control_mode"):
+        control_mode = req.control_mode or None  # "": the task's default controller
+    else:
+        control_mode = RESET_CONTROL_MODE
+    return EnvPoolConfig(
+        task_ids=[req.task_id],
+        num_envs=1,
+        control_mode=control_mode,
+        image_size=req.image_size or DEFAULT_IMAGE_SIZE,
+        reward_mode=req.reward_mode or DEFAULT_REWARD_MODE,
+        seed=req.seed,
+        action_dim=POLICY_ACTION_DIM,
+    )
+
+
+def _session_key(env_type: str, config: EnvPoolConfig) -> tuple:
+    """What a session's env is built from: a Reset asking for another one gets a new session."""
+    return (
+        env_type,
+        tuple(config.task_ids),
+        config.control_mode,
+        config.image_size,
+        config.reward_mode,
+        config.camera,
+        config.max_episode_steps,
+    )
+
+
 class _Session:
-    def __init__(self, pool: EnvPool, task_id: str) -> None:
+    def __init__(self, pool: EnvPool, key: tuple) -> None:
         self.pool = pool
-        self.task_id = task_id
+        self.key = key
         self.lock = threading.Lock()
         self.last_used = time.monotonic()
 
@@ -81,6 +156,8 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
         self._thread: threading.Thread | None = None
         self._run_id = ""
         self._sessions: dict[str, _Session] = {}
+        # (task_id, control_mode, task_modules) whose controller takes the policy's actions.
+        self._checked_controllers: set[tuple] = set()
 
     # -- collection ---------------------------------------------------------------------------
     def _status(self) -> env_pb2.CollectionStatus:
@@ -103,6 +180,9 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
     @map_errors
     def StartCollection(self, request, context):
         config = collection_config(request, self.server_id)
+        self._check_controllers(config.pool)
+        if not context.is_active():  # the client gave up while the envs were built
+            context.abort(grpc.StatusCode.CANCELLED, "client left before the collection started")
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 context.abort(
@@ -146,6 +226,14 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
             )
             return self._status()
 
+    def _check_controllers(self, pool: EnvPoolConfig) -> None:
+        """check_controllers for the tasks not checked before with this controller."""
+        keys = {(t, pool.control_mode, tuple(pool.task_modules)) for t in pool.task_ids}
+        todo = sorted(keys - self._checked_controllers)
+        if todo:
+            check_controllers(pool, [k[0] for k in todo])
+            self._checked_controllers.update(todo)
+
     @map_errors
     def StopCollection(self, request, context):
         with self._lock:
@@ -177,11 +265,13 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
 
     @map_errors
     def Reset(self, request, context):
-        resolve_task(request.task_id)
+        config = reset_pool_config(request)
+        key = _session_key(check_env_type(request.env_type), config)
         with self._lock:
             self._expire_sessions()
             session = self._sessions.get(request.session_id) if request.session_id else None
-            if session is not None and session.task_id != request.task_id:
+            if session is not None and session.key != key:
+                # Another task or env configuration: this env cannot serve it.
                 self._sessions.pop(request.session_id).pool.close()
                 session = None
             if session is None and len(self._sessions) >= MAX_SESSIONS:
@@ -189,8 +279,7 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
                     grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_SESSIONS} eval sessions"
                 )
         if session is None:
-            pool = EnvPool(EnvPoolConfig(task_ids=[request.task_id], num_envs=1, seed=request.seed))
-            session = _Session(pool, request.task_id)
+            session = _Session(EnvPool(config), key)
             sid = uuid.uuid4().hex
             with self._lock:
                 self._sessions[sid] = session

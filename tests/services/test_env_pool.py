@@ -172,6 +172,89 @@ def test_instruction_without_env_asks_for_task_module():
         EnvPool(EnvPoolConfig(task_ids=["OnlyAnInstruction-v1"]))
 
 
+EE_DEFAULT_TASK_ID = "TestPickCubeEEDefault-v1"
+
+
+def _register_task_with_own_default_controller() -> None:
+    """PickCube whose env (not ManiSkill's Panda agent, whose first controller is the 8-d
+    pd_joint_delta_pos) defaults to pd_ee_delta_pose, as the WidowX Bridge tasks default to
+    their 7-d controller: only an unset control_mode gets it."""
+    from mani_skill.envs.tasks.tabletop.pick_cube import PickCubeEnv
+    from mani_skill.utils.registration import REGISTERED_ENVS, register_env
+
+    if EE_DEFAULT_TASK_ID not in REGISTERED_ENVS:
+
+        @register_env(EE_DEFAULT_TASK_ID, max_episode_steps=20)
+        class _EEDefaultPickCube(PickCubeEnv):
+            def __init__(self, *args, control_mode="pd_ee_delta_pose", **kwargs):
+                super().__init__(*args, control_mode=control_mode, **kwargs)
+
+    register_task(EE_DEFAULT_TASK_ID, "pick up the red cube")
+
+
+def test_control_mode_none_is_the_tasks_default_controller():
+    # None passes no control_mode to gym.make: the Panda agent's default, 8-d joint deltas.
+    with EnvPool(EnvPoolConfig(control_mode=None, image_size=32)) as pool:
+        assert pool.controllers == {"PickCube-v1": "pd_joint_delta_pos"}
+        assert pool.action_dim == 8
+        pool.reset(seeds=[0])
+        assert pool.step(np.zeros((1, 8), np.float32)).obs.images.shape == (1, 32, 32, 3)
+    # An explicit controller sets the action space.
+    with EnvPool(EnvPoolConfig(control_mode="pd_ee_delta_pos", image_size=32)) as pool:
+        assert pool.controllers == {"PickCube-v1": "pd_ee_delta_pos"} and pool.action_dim == 4
+    # A task's own default (not ManiSkill's agent default) is kept when control_mode is None.
+    _register_task_with_own_default_controller()
+    cfg = EnvPoolConfig(
+        task_ids=[EE_DEFAULT_TASK_ID], control_mode=None, image_size=32, action_dim=7
+    )
+    with EnvPool(cfg) as pool:
+        assert pool.controllers == {EE_DEFAULT_TASK_ID: "pd_ee_delta_pose"}
+        assert pool.action_dim == 7
+
+
+@pytest.mark.parametrize(
+    "control_mode, needles",
+    [
+        (None, ["control_mode unset", "pd_joint_delta_pos", "Box(8,)", "7-d"]),
+        ("pd_ee_delta_pos", ["control_mode 'pd_ee_delta_pos'", "Box(4,)", "7-d"]),
+        ("pd_no_such_mode", ["control_mode 'pd_no_such_mode'", "pd_ee_delta_pose"]),
+    ],
+)
+def test_controller_must_take_the_policys_actions(control_mode, needles):
+    """action_dim=7 (what the env server asks): a controller of another size fails at build
+    time with a message naming control_mode and the action space, in this process and in a
+    worker subprocess."""
+    for worker_mode in ("in_process", "subprocess"):
+        cfg = EnvPoolConfig(
+            control_mode=control_mode, image_size=16, action_dim=7, worker_mode=worker_mode
+        )
+        with pytest.raises(ValueError) as err:
+            EnvPool(cfg)
+        for needle in needles:
+            assert needle in str(err.value), (worker_mode, str(err.value))
+
+
+def test_probe_controllers_reports_each_tasks_action_space():
+    """The env server's pre-collection check: no rendering, in a subprocess."""
+    from services.env_server.env_pool import probe_controllers
+
+    [default, test_task] = probe_controllers(
+        ["PickCube-v1", "TestPickCube-v1"], None, task_modules=[TEST_MODULE]
+    )
+    assert default == {
+        "action_dim": 8,
+        "control_mode": "pd_joint_delta_pos",
+        "action_space": "Box(8,)",
+    }
+    assert test_task == default
+    [ee] = probe_controllers(["PickCube-v1"], "pd_ee_delta_pose")
+    assert ee["control_mode"] == "pd_ee_delta_pose" and ee["action_dim"] == 7
+    with pytest.raises(ValueError, match="control_mode 'pd_no_such_mode'"):
+        probe_controllers(["PickCube-v1"], "pd_no_such_mode")
+    with pytest.raises(ValueError, match="no_such_module"):
+        probe_controllers(["PickCube-v1"], None, task_modules=["no_such_module"])
+
+
 def test_gpu_backend_without_cuda_is_a_clear_error():
     import torch
 
@@ -217,6 +300,8 @@ def test_batched_backend_code_path_on_cpu_physics():
         (dict(task_modules="my.module"), "task_modules"),
         (dict(worker_mode="threads"), "worker_mode"),
         (dict(ignore_terminations=1), "ignore_terminations"),
+        (dict(control_mode=""), "control_mode"),
+        (dict(action_dim=0), "action_dim"),
     ],
 )
 def test_config_validation_names_the_field(kwargs, field):

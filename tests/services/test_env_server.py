@@ -1,10 +1,12 @@
 """The env server as a real subprocess: bad requests get clear gRPC statuses and the server keeps
-serving; evaluation sessions render real ManiSkill3 frames; a broken policy (NaN weights) fails
-the collection with a clear error instead of writing garbage."""
+serving; evaluation sessions render real ManiSkill3 frames with the requested image size, reward
+and controller; a broken policy (NaN weights) fails the collection with a clear error instead of
+writing garbage."""
 
 from __future__ import annotations
 
 import time
+from concurrent import futures
 
 import grpc
 import numpy as np
@@ -12,9 +14,10 @@ import pytest
 import torch
 
 from tests.helpers.procs import ServiceProcess
+from vla_rl.evaluation import evaluate
 from vla_rl.models.checkpoint import save_policy
 from vla_rl.models.tiny import build_tiny_policy, build_tiny_tokenizer
-from vla_rl.rpc.gen.v1 import env_pb2, env_pb2_grpc
+from vla_rl.rpc.gen.v1 import env_pb2, env_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 from vla_rl.rpc.tensors import from_tensor, to_tensor
 
 
@@ -45,6 +48,7 @@ def _start(**kw) -> env_pb2.StartCollectionRequest:
         max_episode_steps=4,
         rollout_target="127.0.0.1:1",
         buffer_url="memory://",
+        control_mode="pd_ee_delta_pose",
     )
     return env_pb2.StartCollectionRequest(**{**base, **kw})
 
@@ -58,6 +62,22 @@ def _start(**kw) -> env_pb2.StartCollectionRequest:
         ({"max_episode_steps": 0}, "max_episode_steps"),
         ({"rollout_target": ""}, "rollout_target"),
         ({"num_envs": 3, "pipeline_stage_num": 2}, "pipeline_stage_num"),
+        ({"env_type": "isaaclab"}, "isaaclab"),
+        ({"image_size": 8}, "image_size"),
+        ({"reward_mode": "shaped"}, "reward_mode"),
+        # The controller must take the policy's 7-d actions: "" is the task's default, which for
+        # PickCube's Panda is 8-d joint deltas; pd_ee_delta_pos is 4-d.
+        (
+            {"control_mode": ""},
+            "control_mode unset (the task's default controller): PickCube-v1 runs controller "
+            "'pd_joint_delta_pos' with action space Box(8,)",
+        ),
+        (
+            {"control_mode": "pd_ee_delta_pos"},
+            "control_mode 'pd_ee_delta_pos': PickCube-v1 runs controller 'pd_ee_delta_pos' with "
+            "action space Box(4,)",
+        ),
+        ({"control_mode": "pd_no_such_mode"}, "pd_no_such_mode"),
     ],
 )
 def test_bad_collection_requests(env_server, request_kw, needle):
@@ -133,3 +153,138 @@ def test_broken_policy_fails_the_collection_clearly(env_server, tmp_path, redis_
         rollout.stop()
     # The server still takes work.
     assert stub.GetStatus(env_pb2.GetStatusRequest(), timeout=10).state == "failed"
+
+
+def _reset(stub, **kw) -> env_pb2.ResetReply:
+    return stub.Reset(env_pb2.ResetRequest(**{"task_id": "PickCube-v1", **kw}), timeout=120)
+
+
+def _step_zeros(stub, session_id: str) -> env_pb2.StepReply:
+    zeros = to_tensor(np.zeros(7, np.float32))
+    return stub.Step(env_pb2.StepRequest(session_id=session_id, action=zeros), timeout=60)
+
+
+def test_reset_refuses_unknown_env_type(env_server):
+    stub, _ = env_server
+    code, details = _code(
+        stub.Reset, env_pb2.ResetRequest(task_id="PickCube-v1", env_type="isaaclab")
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "isaaclab" in details
+    assert _reset(stub, env_type="maniskill", image_size=32).session_id
+
+
+def test_eval_session_image_size_and_reward_mode(env_server):
+    stub, _ = env_server
+    small = _reset(stub, seed=3, image_size=64, reward_mode="sparse")
+    assert from_tensor(small.image, expect_dtype="uint8").shape == (64, 64, 3)
+    step = _step_zeros(stub, small.session_id)
+    assert from_tensor(step.image).shape == (64, 64, 3)
+    assert step.reward == 0.0 and not step.success  # sparse: nothing until success
+    # The same session with the same config is reused.
+    again = _reset(stub, seed=4, image_size=64, reward_mode="sparse", session_id=small.session_id)
+    assert again.session_id == small.session_id
+    # Another reward mode is another env: a new session, and the old one is gone.
+    dense = _reset(stub, seed=3, image_size=64, session_id=small.session_id)
+    assert dense.session_id != small.session_id
+    assert _step_zeros(stub, dense.session_id).reward > 0  # normalized_dense: reaching reward
+    code, _ = _code(
+        stub.Step,
+        env_pb2.StepRequest(session_id=small.session_id, action=to_tensor(np.zeros(7, np.float32))),
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+    # Another image size: a new session rendering at that size.
+    big = _reset(stub, seed=3, image_size=96, session_id=dense.session_id)
+    assert big.session_id != dense.session_id
+    assert from_tensor(big.image).shape == (96, 96, 3)
+    code, details = _code(stub.Reset, env_pb2.ResetRequest(task_id="PickCube-v1", image_size=8))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "image_size" in details
+
+
+def test_eval_session_control_mode(env_server):
+    stub, _ = env_server
+    # Unset is pd_ee_delta_pose (older clients): a zero action holds the arm still.
+    delta = _reset(stub, seed=5, image_size=64)
+    still = _step_zeros(stub, delta.session_id)
+    moved = np.abs(from_tensor(still.image).astype(int) - from_tensor(delta.image).astype(int))
+    assert moved.mean() < 1.0
+    # pd_ee_pose (also 7-d) reads the same zeros as an absolute target pose: the arm moves, and
+    # the session is a new one since the controller differs.
+    absolute = _reset(
+        stub, seed=5, image_size=64, control_mode="pd_ee_pose", session_id=delta.session_id
+    )
+    assert absolute.session_id != delta.session_id
+    np.testing.assert_array_equal(from_tensor(absolute.image), from_tensor(delta.image))
+    step = _step_zeros(stub, absolute.session_id)
+    moved = np.abs(from_tensor(step.image).astype(int) - from_tensor(absolute.image).astype(int))
+    assert moved.mean() > 2.0
+    # A controller of another action size fails the Reset, naming control_mode and the space;
+    # "" asks for the task's default controller (Panda: 8-d joint deltas).
+    for control_mode, needles in [
+        ("pd_ee_delta_pos", ["control_mode 'pd_ee_delta_pos'", "Box(4,)", "7-d"]),
+        ("", ["control_mode unset", "'pd_joint_delta_pos'", "Box(8,)", "7-d"]),
+    ]:
+        code, details = _code(
+            stub.Reset, env_pb2.ResetRequest(task_id="PickCube-v1", control_mode=control_mode)
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        for needle in needles:
+            assert needle in details, details
+
+
+class _ZeroPolicy(rollout_pb2_grpc.RolloutServiceServicer):
+    """A rollout service that answers every observation with a zero action, and keeps the
+    image shapes it was sent."""
+
+    def __init__(self) -> None:
+        self.image_shapes: list[tuple] = []
+
+    def Act(self, request, context):
+        images = from_tensor(request.images, expect_dtype="uint8")
+        self.image_shapes.append(images.shape)
+        b = images.shape[0]
+        return rollout_pb2.ActReply(
+            request_id=request.request_id,
+            action_tokens=to_tensor(np.zeros((b, 7), np.int64)),
+            actions=to_tensor(np.zeros((b, 1, 7), np.float32)),
+            logprobs=to_tensor(np.zeros((b, 7), np.float32)),
+            policy_version=3,
+        )
+
+
+@pytest.fixture()
+def zero_policy():
+    policy = _ZeroPolicy()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    rollout_pb2_grpc.add_RolloutServiceServicer_to_server(policy, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield policy, f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+def test_evaluate_passes_the_eval_env_config(env_server, zero_policy):
+    _, proc = env_server
+    policy, rollout_target = zero_policy
+    result = evaluate(
+        proc.target,
+        rollout_target,
+        ["PickCube-v1"],
+        episodes=2,
+        max_steps=2,
+        env_type="maniskill",
+        image_size=64,
+        control_mode="pd_ee_delta_pose",
+        reward_mode="sparse",
+    )
+    assert policy.image_shapes == [(1, 64, 64, 3)] * 4
+    assert [e["episode_len"] for e in result.episodes] == [2, 2]
+    assert [e["return"] for e in result.episodes] == [0.0, 0.0]  # sparse
+    assert result.episodes[0]["policy_version"] == 3
+    # control_mode None: the task's default controller, which PickCube's 7-d policy cannot drive.
+    with pytest.raises(grpc.RpcError) as err:
+        evaluate(proc.target, rollout_target, ["PickCube-v1"], 1, 1, control_mode=None)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "pd_joint_delta_pos" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        evaluate(proc.target, rollout_target, ["PickCube-v1"], 1, 1, env_type="isaaclab")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
