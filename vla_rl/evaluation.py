@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from vla_rl.rpc.client import DEFAULT_DEADLINE_S, make_channel
@@ -21,7 +22,8 @@ from vla_rl.rpc.tensors import from_tensor, to_tensor
 @dataclass
 class EvalResult:
     episodes: list[dict] = field(default_factory=list)
-    """Per episode: task_id, seed, success_once, episode_len, return, policy_version, video."""
+    """Per episode: episode, task_id, seed, success_once, episode_len, return, policy_version,
+    video."""
 
     def metrics(self) -> dict[str, float]:
         """Means over the episodes, named like the training metrics under eval/."""
@@ -74,21 +76,35 @@ def evaluate(
     image_size: int = 224,
     control_mode: str | None = "pd_ee_delta_pose",
     reward_mode: str = "normalized_dense",
+    task_modules: list[str] | tuple[str, ...] = (),
+    max_episode_steps: int | None = None,
+    sim_backend: str = "cpu",
+    first_episode: int = 0,
 ) -> EvalResult:
-    """Run `episodes` episodes (tasks round-robin, seeds seed, seed+1, ...) to success,
-    termination, the env's time limit or `max_steps`. temperature None means greedy.
+    """Run episodes first_episode .. first_episode + episodes - 1 (episode ep plays task
+    task_ids[ep % len(task_ids)] from seed seed + ep) to success, termination, the env's time
+    limit or `max_steps`. temperature None means greedy. Splitting N episodes into contiguous
+    chunks (first_episode 0, k, 2k, ...) over several env servers plays exactly the episodes one
+    call with N would.
 
-    env_type, image_size, control_mode and reward_mode configure the env server's session env
-    as env.eval's keys of the same names do; control_mode None means the task's default
-    controller (which must take the policy's 7-d actions, or Reset fails with INVALID_ARGUMENT).
+    env_type, image_size, control_mode, reward_mode, task_modules, max_episode_steps and
+    sim_backend configure the env server's session env as env.eval's keys of the same names do:
+    control_mode None means the task's default controller (which must take the policy's
+    actions, PolicyInfo.action_dim, or Reset fails with INVALID_ARGUMENT); task_modules are
+    imported by the env server to register tasks; max_episode_steps None keeps the task's own
+    time limit, else the server truncates the episode at that step; sim_backend "gpu" is
+    FAILED_PRECONDITION on an env server that cannot run GPU physics.
     """
+    if first_episode < 0:
+        raise ValueError(f"first_episode must be >= 0, got {first_episode}")
     result = EvalResult()
     rollout = RolloutClient(rollout_target)
     channel = make_channel(env_target)
     env = env_pb2_grpc.EnvServiceStub(channel)
     session = ""
     try:
-        for ep in range(episodes):
+        action_dim = int(rollout.policy().action_dim)
+        for ep in range(first_episode, first_episode + episodes):
             task_id = task_ids[ep % len(task_ids)]
             reply = env.Reset(
                 env_pb2.ResetRequest(
@@ -100,6 +116,10 @@ def evaluate(
                     # Always set: "" asks for the task's default (unset would mean pd_ee_delta_pose).
                     control_mode=control_mode or "",
                     reward_mode=reward_mode,
+                    task_modules=list(task_modules),
+                    max_episode_steps=max_episode_steps or 0,
+                    sim_backend=sim_backend,
+                    action_dim=action_dim,
                 ),
                 timeout=DEFAULT_DEADLINE_S["reset"],
             )
@@ -134,6 +154,7 @@ def evaluate(
                 write_video(video, frames)
             result.episodes.append(
                 {
+                    "episode": ep,
                     "task_id": task_id,
                     "seed": seed + ep,
                     "success_once": success,
@@ -144,6 +165,14 @@ def evaluate(
                 }
             )
     finally:
+        if session:  # free the server's env (a server holds at most 8 sessions)
+            try:
+                env.CloseSession(
+                    env_pb2.CloseSessionRequest(session_id=session),
+                    timeout=DEFAULT_DEADLINE_S["status"],
+                )
+            except grpc.RpcError:
+                pass  # an older server (UNIMPLEMENTED) or a lost one: the session expires
         rollout.close()
         channel.close()
     return result

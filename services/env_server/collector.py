@@ -8,6 +8,10 @@ the learner sees those episodes cut by the segment end (a truncation it bootstra
 
 With `pipeline_stage_num` S the envs form S stages: while one stage steps its simulators, the
 rollout service is already inferring for the others.
+
+With `video_dir` set, each iteration of the server's first env (env 0 of stage 0) is also written
+as an MP4 of the observations the policy saw (its segment's images and the bootstrap image): no
+extra rendering.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from vla_rl.buffer import Segment, TrajectoryBuffer
+from vla_rl.evaluation import annotate, write_video
 
 from .env_pool import EnvPool, EnvPoolConfig
 
@@ -66,6 +72,12 @@ class CollectionConfig:
     """Actions per decision (the rollout service's policy says)."""
     steps_per_segment: int | None = None
     """Env steps per segment (None = the pool's max_episode_steps); at most max_episode_steps."""
+    video_dir: str | None = None
+    """Training videos: each iteration of env 0 of stage 0 (its segment's T observations and the
+    bootstrap one, T+1 frames) as <video_dir>/<server_id>/iter<iteration:05d>_env0.mp4; None or
+    "": no videos."""
+    info_on_video: bool = True
+    """Overlay step, reward and success on the video frames."""
 
     def __post_init__(self) -> None:
         n = self.pool.num_envs
@@ -170,6 +182,8 @@ class Collector:
         per_stage = cfg.pool.num_envs // stages
         pools: list[EnvPool] = []
         try:
+            if cfg.video_dir:  # an unusable directory fails the run before any env is built
+                self._video_path(cfg.start_version).parent.mkdir(parents=True, exist_ok=True)
             for s in range(stages):
                 pool_cfg = EnvPoolConfig(
                     **{
@@ -236,12 +250,46 @@ class Collector:
                 last_final[s] = step["final_images"]
                 if t + 1 < decisions:  # the next inference overlaps the other stages' physics
                     pending[s] = self.act(obs[s].images, list(obs[s].instructions), cfg.temperature)
+        if cfg.video_dir:
+            self._write_video(iteration, task_ids[0][0], trajs[0][0], last_final[0][0])
         for s, stage_trajs in enumerate(trajs):
             for i, traj in enumerate(stage_trajs):
                 env_index = s * per_stage + i
                 self._write_segment(
                     iteration, env_index, task_ids[s][i], traj, last_final[s][i], obs[s], i
                 )
+
+    def _video_path(self, iteration: int) -> Path:
+        cfg = self.config
+        return Path(cfg.video_dir or ".") / cfg.server_id / f"iter{iteration:05d}_env0.mp4"
+
+    def _write_video(
+        self, iteration: int, task_id: str, traj: _Trajectory, bootstrap_image: np.ndarray
+    ) -> None:
+        """One MP4 of env 0's iteration: the T observations of its segment and the bootstrap one.
+
+        Frame t > 0 is what the env showed after decision t-1 (after an auto-reset: the next
+        episode's first frame, except the last frame, which is always the bootstrap one); its
+        label gives that decision's env step, reward and success and the episode's return."""
+        frames = [*traj.images, bootstrap_image]
+        if self.config.info_on_video:
+            chunk = self.config.action_chunk
+            labels = [f"it {iteration} step 0 {task_id}"]
+            ret = 0.0
+            for t, reward in enumerate(traj.rewards):
+                ret += reward
+                label = f"step {(t + 1) * chunk} r {reward:.2f} ret {ret:.2f}"
+                label += " success" if traj.success[t] else ""
+                if traj.terminated[t] or traj.truncated[t]:
+                    label += " done"
+                    ret = 0.0
+                labels.append(label)
+            frames = [annotate(f, text) for f, text in zip(frames, labels, strict=True)]
+        path = self._video_path(iteration)
+        try:
+            write_video(path, frames)
+        except Exception as err:  # noqa: BLE001 - a lost video must not stop training
+            log.warning("training video %s not written: %s", path, err)
 
     def _step_chunk(self, pool: EnvPool, actions: np.ndarray) -> dict:
         """Apply a chunk of C actions; rewards add up, dones and success are OR-ed over the chunk.

@@ -3,6 +3,7 @@ Reset/Step sessions to evaluation clients."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -28,7 +29,8 @@ SESSION_IDLE_S = 600.0
 ENV_TYPES = ("maniskill",)
 """Simulators this env server runs ("" in a request means "maniskill", for older clients)."""
 POLICY_ACTION_DIM = 7
-"""Size of the policy's actions (xyz, rpy deltas, gripper): every env's controller must take it."""
+"""Action size (xyz, rpy deltas, gripper) of a ResetRequest without action_dim and of a rollout
+service whose PolicyInfo gives none; a collection otherwise takes PolicyInfo.action_dim."""
 RESET_CONTROL_MODE = "pd_ee_delta_pose"
 """The controller of a ResetRequest that leaves control_mode unset (older clients)."""
 PROBE_TIMEOUT_S = 20.0
@@ -48,7 +50,8 @@ def check_env_type(env_type: str) -> str:
 
 
 def collection_config(req: env_pb2.StartCollectionRequest, server_id: str) -> CollectionConfig:
-    """Proto -> CollectionConfig; every check raises ValueError naming the field."""
+    """Proto -> CollectionConfig; every check raises ValueError naming the field. The pool's
+    action_dim is left None: StartCollection sets it from the rollout service's PolicyInfo."""
     check_env_type(req.env_type)
     if not req.task_ids:
         raise ValueError("task_ids is empty")
@@ -72,7 +75,6 @@ def collection_config(req: env_pb2.StartCollectionRequest, server_id: str) -> Co
         reward_mode=req.reward_mode or DEFAULT_REWARD_MODE,
         seed=req.seed,
         task_modules=list(req.task_modules),
-        action_dim=POLICY_ACTION_DIM,
     )
     return CollectionConfig(
         run_id=req.run_id or "run",
@@ -85,32 +87,32 @@ def collection_config(req: env_pb2.StartCollectionRequest, server_id: str) -> Co
         max_staleness=req.max_staleness,
         temperature=req.temperature or 1.0,
         steps_per_segment=req.steps_per_segment or None,
+        video_dir=req.video_dir or None,
+        info_on_video=req.info_on_video,
     )
 
 
-def check_controllers(
-    pool: EnvPoolConfig, task_ids: list[str] | None = None, timeout_s: float = PROBE_TIMEOUT_S
-) -> None:
-    """Check, before any env of the collection is built, that the pool's controller gives each
-    task (default: the pool's tasks) a pool.action_dim-d action space: a ValueError names
-    control_mode and the action space. A probe that fails otherwise (e.g. a task that only
-    builds on GPU physics, or a slow start) is logged and left to the collection's own pool,
-    which checks the same when it is built."""
-    tasks = list(dict.fromkeys(task_ids or pool.task_ids))
+def probe_pool_controllers(
+    pool: EnvPoolConfig, task_ids: list[str], timeout_s: float = PROBE_TIMEOUT_S
+) -> list[dict] | None:
+    """The controller and action space each of task_ids gets with the pool's control_mode
+    (probe_controllers), before any env of the collection is built; ValueError for an unknown
+    controller or task module. None when the probe fails otherwise (e.g. a task that only builds
+    on GPU physics, or a slow start): logged and left to the collection's own pool, which checks
+    the action size when it is built."""
     try:
-        infos = probe_controllers(tasks, pool.control_mode, pool.task_modules, timeout_s)
+        return probe_controllers(task_ids, pool.control_mode, pool.task_modules, timeout_s)
     except ValueError:
         raise
     except Exception as err:  # noqa: BLE001 - the collection's pool checks again
-        log.warning("controller check of %s skipped: %s", tasks, err)
-        return
-    if pool.action_dim is not None:
-        check_action_space(pool.action_dim, pool.control_mode, tasks, infos)
+        log.warning("controller check of %s skipped: %s", task_ids, err)
+        return None
 
 
 def reset_pool_config(req: env_pb2.ResetRequest) -> EnvPoolConfig:
     """ResetRequest -> the config of its session's one-env pool; ValueError naming the field."""
     check_env_type(req.env_type)
+    import_task_modules(req.task_modules)
     resolve_task(req.task_id)
     if req.HasField("control_mode"):
         control_mode = req.control_mode or None  # "": the task's default controller
@@ -119,11 +121,15 @@ def reset_pool_config(req: env_pb2.ResetRequest) -> EnvPoolConfig:
     return EnvPoolConfig(
         task_ids=[req.task_id],
         num_envs=1,
+        sim_backend=req.sim_backend or "cpu",
         control_mode=control_mode,
         image_size=req.image_size or DEFAULT_IMAGE_SIZE,
+        # 0: the task's registered time limit.
+        max_episode_steps=req.max_episode_steps or None,
         reward_mode=req.reward_mode or DEFAULT_REWARD_MODE,
         seed=req.seed,
-        action_dim=POLICY_ACTION_DIM,
+        task_modules=list(req.task_modules),
+        action_dim=req.action_dim or POLICY_ACTION_DIM,
     )
 
 
@@ -137,6 +143,9 @@ def _session_key(env_type: str, config: EnvPoolConfig) -> tuple:
         config.reward_mode,
         config.camera,
         config.max_episode_steps,
+        config.sim_backend,
+        tuple(config.task_modules),
+        config.action_dim,
     )
 
 
@@ -156,8 +165,8 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
         self._thread: threading.Thread | None = None
         self._run_id = ""
         self._sessions: dict[str, _Session] = {}
-        # (task_id, control_mode, task_modules) whose controller takes the policy's actions.
-        self._checked_controllers: set[tuple] = set()
+        # (task_id, control_mode, task_modules) -> the controller and action space it gets.
+        self._controllers: dict[tuple, dict] = {}
 
     # -- collection ---------------------------------------------------------------------------
     def _status(self) -> env_pb2.CollectionStatus:
@@ -180,7 +189,7 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
     @map_errors
     def StartCollection(self, request, context):
         config = collection_config(request, self.server_id)
-        self._check_controllers(config.pool)
+        controllers = self._probe_controllers(config.pool)
         if not context.is_active():  # the client gave up while the envs were built
             context.abort(grpc.StatusCode.CANCELLED, "client left before the collection started")
         with self._lock:
@@ -190,14 +199,29 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
                     f"collection {self._run_id!r} is running; stop it first",
                 )
             rollout = RolloutClient(request.rollout_target)
-            info = rollout.policy()
-            config.action_chunk = int(info.action_chunk)
-            config.__post_init__()
-            buffer = from_url(
-                request.buffer_url,
-                stream=request.stream or "vla_rl:segments",
-                maxlen=request.buffer_maxlen or None,
-            )
+            try:
+                info = rollout.policy()
+                config.action_chunk = int(info.action_chunk)
+                # Every env's controller must take the served policy's actions.
+                config.pool = dataclasses.replace(
+                    config.pool, action_dim=int(info.action_dim) or POLICY_ACTION_DIM
+                )
+                config.__post_init__()
+                if controllers is not None:
+                    check_action_space(
+                        config.pool.action_dim,
+                        config.pool.control_mode,
+                        list(controllers),
+                        list(controllers.values()),
+                    )
+                buffer = from_url(
+                    request.buffer_url,
+                    stream=request.stream or "vla_rl:segments",
+                    maxlen=request.buffer_maxlen or None,
+                )
+            except BaseException:
+                rollout.close()
+                raise
             collector = Collector(
                 config,
                 act=lambda images, texts, temperature: rollout.act_async(
@@ -226,13 +250,17 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
             )
             return self._status()
 
-    def _check_controllers(self, pool: EnvPoolConfig) -> None:
-        """check_controllers for the tasks not checked before with this controller."""
-        keys = {(t, pool.control_mode, tuple(pool.task_modules)) for t in pool.task_ids}
-        todo = sorted(keys - self._checked_controllers)
+    def _probe_controllers(self, pool: EnvPoolConfig) -> dict[str, dict] | None:
+        """task_id -> controller and action space for the pool's tasks (probe_pool_controllers,
+        only for those not probed before with this controller); None when a probe failed."""
+        keys = {t: (t, pool.control_mode, tuple(pool.task_modules)) for t in pool.task_ids}
+        todo = [t for t, key in keys.items() if key not in self._controllers]
         if todo:
-            check_controllers(pool, [k[0] for k in todo])
-            self._checked_controllers.update(todo)
+            infos = probe_pool_controllers(pool, todo)
+            if infos is None:
+                return None
+            self._controllers.update({keys[t]: i for t, i in zip(todo, infos, strict=True)})
+        return {t: self._controllers[key] for t, key in keys.items()}
 
     @map_errors
     def StopCollection(self, request, context):
@@ -279,7 +307,16 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
                     grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_SESSIONS} eval sessions"
                 )
         if session is None:
-            session = _Session(EnvPool(config), key)
+            try:
+                pool = EnvPool(config)
+            except RuntimeError as err:
+                if config.sim_backend != "gpu":
+                    raise
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"sim_backend 'gpu': this env server cannot run ManiSkill's GPU physics: {err}",
+                )
+            session = _Session(pool, key)
             sid = uuid.uuid4().hex
             with self._lock:
                 self._sessions[sid] = session
@@ -293,15 +330,25 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
         )
 
     @map_errors
+    def CloseSession(self, request, context):
+        with self._lock:
+            session = self._sessions.pop(request.session_id, None)
+        if session is not None:
+            with session.lock:  # after a Step in flight
+                session.pool.close()
+        return env_pb2.CloseSessionReply(closed=session is not None)
+
+    @map_errors
     def Step(self, request, context):
         session = self._sessions.get(request.session_id)
         if session is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no session {request.session_id!r}")
         action = from_tensor(request.action, expect_dtype="float32", expect_ndim={1, 2})
         chunk = action.reshape(-1, action.shape[-1])
-        if chunk.shape[-1] != 7 or not np.isfinite(chunk).all():
+        dim = session.pool.action_dim
+        if chunk.shape[-1] != dim or not np.isfinite(chunk).all():
             raise ValueError(
-                f"action must be finite float32 [7] or [C, 7], got {list(action.shape)}"
+                f"action must be finite float32 [{dim}] or [C, {dim}], got {list(action.shape)}"
             )
         reward, done, success = 0.0, (False, False), False
         with session.lock:

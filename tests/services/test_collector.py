@@ -104,3 +104,63 @@ def test_oft_chunks_step_the_env_c_times(oft_rollout):
     assert s.action_tokens.shape == (2, 14)  # 4 env steps = 2 decisions of 2 actions
     assert s.truncated.tolist() == [False, True] or s.terminated.any()
     assert [e["episode_len"] for e in s.episodes] == [4] or s.terminated.any()
+
+
+def _video_frames(path) -> list[np.ndarray]:
+    """RGB frames of an MP4, read back with OpenCV."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    ok, frame = capture.read()
+    while ok:
+        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+        ok, frame = capture.read()
+    capture.release()
+    return frames
+
+
+def test_training_video_is_env0_observations(openvla_rollout, tmp_path):
+    """One MP4 per iteration of env 0 of stage 0: its segment's T images, then the bootstrap
+    image (T+1 frames, mpeg4 is lossy), with the step/reward/success band when info_on_video."""
+    plain, labelled = tmp_path / "plain", tmp_path / "labelled"
+    segments = _collect(
+        openvla_rollout, pipeline_stage_num=2, iterations=2, video_dir=str(plain),
+        info_on_video=False,
+    )  # fmt: skip
+    assert sorted(p.name for p in (plain / "env0").iterdir()) == [
+        "iter00000_env0.mp4",
+        "iter00001_env0.mp4",
+    ]
+    for iteration in (0, 1):
+        (seg,) = [s for s in segments if s.segment_id == f"t-env0-{iteration}-0"]
+        expected = [*seg.images, seg.bootstrap_image]
+        frames = _video_frames(plain / "env0" / f"iter{iteration:05d}_env0.mp4")
+        assert len(frames) == len(seg.images) + 1 == 4
+        for got, want in zip(frames, expected, strict=True):
+            assert np.abs(got.astype(int) - want.astype(int)).mean() < 8
+        # Env 0's scene, not env 1's (of stage 1).
+        (other,) = [s for s in segments if s.segment_id == f"t-env0-{iteration}-1"]
+        own_diff = np.abs(frames[0].astype(int) - seg.images[0].astype(int)).mean()
+        assert own_diff < np.abs(frames[0].astype(int) - other.images[0].astype(int)).mean()
+
+    segments = _collect(
+        openvla_rollout, iterations=1, num_envs=1, video_dir=str(labelled), info_on_video=True
+    )
+    frames = _video_frames(labelled / "env0" / "iter00000_env0.mp4")
+    want = [*segments[0].images, segments[0].bootstrap_image]
+    assert len(frames) == 4
+    for got, ref in zip(frames, want, strict=True):
+        diff = np.abs(got.astype(int) - ref.astype(int))
+        assert diff[:14].mean() > 50 and diff[20:].mean() < 8  # the text band, the scene below
+
+
+def test_no_training_video_without_video_dir(openvla_rollout, tmp_path, monkeypatch):
+    import services.env_server.collector as collector
+
+    written = []
+    monkeypatch.setattr(collector, "write_video", lambda path, frames: written.append(path))
+    monkeypatch.chdir(tmp_path)
+    for video_dir in ("", None):
+        _collect(openvla_rollout, iterations=1, num_envs=1, video_dir=video_dir)
+    assert written == [] and list(tmp_path.rglob("*")) == []

@@ -65,18 +65,9 @@ def _start(**kw) -> env_pb2.StartCollectionRequest:
         ({"env_type": "isaaclab"}, "isaaclab"),
         ({"image_size": 8}, "image_size"),
         ({"reward_mode": "shaped"}, "reward_mode"),
-        # The controller must take the policy's 7-d actions: "" is the task's default, which for
-        # PickCube's Panda is 8-d joint deltas; pd_ee_delta_pos is 4-d.
-        (
-            {"control_mode": ""},
-            "control_mode unset (the task's default controller): PickCube-v1 runs controller "
-            "'pd_joint_delta_pos' with action space Box(8,)",
-        ),
-        (
-            {"control_mode": "pd_ee_delta_pos"},
-            "control_mode 'pd_ee_delta_pos': PickCube-v1 runs controller 'pd_ee_delta_pos' with "
-            "action space Box(4,)",
-        ),
+        # Checked before the rollout service is asked anything (its target here is unreachable);
+        # whether a controller takes the policy's actions is checked once it has said their size
+        # (test_collection_checks_the_controller_against_the_policys_action_dim).
         ({"control_mode": "pd_no_such_mode"}, "pd_no_such_mode"),
     ],
 )
@@ -232,22 +223,28 @@ def test_eval_session_control_mode(env_server):
 
 
 class _ZeroPolicy(rollout_pb2_grpc.RolloutServiceServicer):
-    """A rollout service that answers every observation with a zero action, and keeps the
-    image shapes it was sent."""
+    """A rollout service whose policy takes action_dim-d actions and answers every observation
+    with a zero action; it keeps the image shapes it was sent."""
 
     def __init__(self) -> None:
         self.image_shapes: list[tuple] = []
+        self.action_dim = 7
 
     def Act(self, request, context):
         images = from_tensor(request.images, expect_dtype="uint8")
         self.image_shapes.append(images.shape)
-        b = images.shape[0]
+        b, d = images.shape[0], self.action_dim
         return rollout_pb2.ActReply(
             request_id=request.request_id,
-            action_tokens=to_tensor(np.zeros((b, 7), np.int64)),
-            actions=to_tensor(np.zeros((b, 1, 7), np.float32)),
-            logprobs=to_tensor(np.zeros((b, 7), np.float32)),
+            action_tokens=to_tensor(np.zeros((b, d), np.int64)),
+            actions=to_tensor(np.zeros((b, 1, d), np.float32)),
+            logprobs=to_tensor(np.full((b, d), -1.0, np.float32)),
             policy_version=3,
+        )
+
+    def GetPolicy(self, request, context):
+        return rollout_pb2.PolicyInfo(
+            policy_version=3, engine="zero", action_chunk=1, action_dim=self.action_dim
         )
 
 
@@ -288,3 +285,260 @@ def test_evaluate_passes_the_eval_env_config(env_server, zero_policy):
     with pytest.raises(grpc.RpcError) as err:
         evaluate(proc.target, rollout_target, ["PickCube-v1"], 1, 1, env_type="isaaclab")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# ------------------------------------------------------------------------ env.eval and env.train
+
+TASK_MODULE = "tests.services._env_pool_test_tasks"
+"""Registers TestPickCube-v1 (a 20-step time limit) in the env server's process."""
+
+
+def _close(stub, session_id: str) -> env_pb2.CloseSessionReply:
+    return stub.CloseSession(env_pb2.CloseSessionRequest(session_id=session_id), timeout=30)
+
+
+def test_eval_session_task_modules_and_time_limit(env_server):
+    stub, _ = env_server
+    code, details = _code(stub.Reset, env_pb2.ResetRequest(task_id="TestPickCube-v1"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "TestPickCube-v1" in details
+    code, details = _code(
+        stub.Reset,
+        env_pb2.ResetRequest(task_id="TestPickCube-v1", task_modules=["no_such_module_xyz"]),
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "no_such_module_xyz" in details
+
+    # The module registers the task; the session's env truncates at the requested step (the
+    # task's own limit is 20).
+    first = _reset(
+        stub, task_id="TestPickCube-v1", task_modules=[TASK_MODULE], image_size=32,
+        max_episode_steps=2, seed=1,
+    )  # fmt: skip
+    assert first.instruction == "pick up the red test cube"
+    steps = [_step_zeros(stub, first.session_id) for _ in range(2)]
+    assert [(s.terminated, s.truncated) for s in steps] == [(False, False), (False, True)]
+    # The same settings reuse the session; another time limit is another env.
+    kw = dict(task_id="TestPickCube-v1", task_modules=[TASK_MODULE], image_size=32, seed=2)
+    again = _reset(stub, max_episode_steps=2, session_id=first.session_id, **kw)
+    assert again.session_id == first.session_id
+    longer = _reset(stub, max_episode_steps=3, session_id=again.session_id, **kw)
+    assert longer.session_id != again.session_id
+    assert [_step_zeros(stub, longer.session_id).truncated for _ in range(3)] == [
+        False,
+        False,
+        True,
+    ]
+    # 0 (unset): the task's own limit.
+    own = _reset(stub, session_id=longer.session_id, **kw)
+    assert own.session_id != longer.session_id
+    assert not any(_step_zeros(stub, own.session_id).truncated for _ in range(3))
+    assert _close(stub, own.session_id).closed
+
+
+def test_close_session(env_server):
+    stub, _ = env_server
+    reply = _reset(stub, seed=1, image_size=32)
+    assert _close(stub, reply.session_id).closed
+    code, _ = _code(
+        stub.Step,
+        env_pb2.StepRequest(session_id=reply.session_id, action=to_tensor(np.zeros(7, np.float32))),
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert not _close(stub, reply.session_id).closed  # closing twice is not an error
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the refusal where no GPU is visible")
+def test_eval_session_sim_backend(env_server):
+    stub, _ = env_server
+    code, details = _code(
+        stub.Reset, env_pb2.ResetRequest(task_id="PickCube-v1", sim_backend="gpu", image_size=32)
+    )
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+    assert "sim_backend 'gpu'" in details and "CUDA" in details, details
+    code, details = _code(
+        stub.Reset, env_pb2.ResetRequest(task_id="PickCube-v1", sim_backend="tpu", image_size=32)
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "sim_backend" in details, details
+    # "cpu" and "" (older clients) are the same env: the session is reused.
+    cpu = _reset(stub, sim_backend="cpu", image_size=32)
+    assert _reset(stub, image_size=32, session_id=cpu.session_id).session_id == cpu.session_id
+    assert _close(stub, cpu.session_id).closed
+
+
+def test_evaluate_passes_task_modules_time_limit_and_sim_backend(env_server, zero_policy):
+    _, proc = env_server
+    policy, rollout_target = zero_policy
+    result = evaluate(
+        proc.target,
+        rollout_target,
+        ["TestPickCube-v1"],
+        episodes=1,
+        max_steps=10,
+        image_size=32,
+        task_modules=[TASK_MODULE],
+        max_episode_steps=3,
+    )
+    # The server truncated the episode at 3 steps (the client would have gone on to 10).
+    assert [e["episode_len"] for e in result.episodes] == [3]
+    assert len(policy.image_shapes) == 3
+    with pytest.raises(grpc.RpcError) as err:
+        evaluate(proc.target, rollout_target, ["PickCube-v1"], 1, 1, sim_backend="tpu")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "sim_backend" in err.value.details()
+    if not torch.cuda.is_available():
+        with pytest.raises(grpc.RpcError) as err:
+            evaluate(proc.target, rollout_target, ["PickCube-v1"], 1, 1, sim_backend="gpu")
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_evaluate_chunks_play_the_episodes_of_one_call(env_server, zero_policy, tmp_path):
+    _, proc = env_server
+    _, rollout_target = zero_policy
+    tasks = ["PickCube-v1", "PushCube-v1"]
+
+    def play(episodes: int, first_episode: int, video_dir=None) -> list[tuple]:
+        result = evaluate(
+            proc.target, rollout_target, tasks, episodes=episodes, max_steps=1, seed=100,
+            image_size=32, first_episode=first_episode, video_dir=video_dir,
+        )  # fmt: skip
+        return [(e["episode"], e["task_id"], e["seed"]) for e in result.episodes]
+
+    whole = play(4, 0)
+    assert whole == [
+        (0, "PickCube-v1", 100),
+        (1, "PushCube-v1", 101),
+        (2, "PickCube-v1", 102),
+        (3, "PushCube-v1", 103),
+    ]
+    assert play(2, 0) + play(2, 2, tmp_path) == whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "episode002_PickCube-v1_seed102.mp4",
+        "episode003_PushCube-v1_seed103.mp4",
+    ]
+
+
+def test_eval_session_takes_the_policys_action_dim(env_server, zero_policy):
+    """A policy of 4-d actions (PolicyInfo.action_dim) drives pd_ee_delta_pos (xyz and the
+    gripper); the pd_ee_delta_pose default (7-d) is refused for it."""
+    stub, proc = env_server
+    policy, rollout_target = zero_policy
+    policy.action_dim = 4
+    result = evaluate(
+        proc.target, rollout_target, ["PickCube-v1"], 1, 2, image_size=32,
+        control_mode="pd_ee_delta_pos",
+    )  # fmt: skip
+    assert [e["episode_len"] for e in result.episodes] == [2]
+    with pytest.raises(grpc.RpcError) as err:
+        evaluate(proc.target, rollout_target, ["PickCube-v1"], 1, 1, image_size=32)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Box(7,)" in err.value.details() and "4-d" in err.value.details()
+    # Step expects the session's action size.
+    reply = _reset(stub, image_size=32, control_mode="pd_ee_delta_pos", action_dim=4)
+    code, details = _code(
+        stub.Step,
+        env_pb2.StepRequest(session_id=reply.session_id, action=to_tensor(np.zeros(7, np.float32))),
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "[4]" in details
+    assert _close(stub, reply.session_id).closed
+
+
+def _wait_done(stub, timeout_s: float = 180) -> env_pb2.CollectionStatus:
+    deadline = time.monotonic() + timeout_s
+    status = stub.GetStatus(env_pb2.GetStatusRequest(), timeout=10)
+    while status.state in ("running", "stopping") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = stub.GetStatus(env_pb2.GetStatusRequest(), timeout=10)
+    return status
+
+
+@pytest.mark.parametrize(
+    "action_dim, control_mode, needles",
+    [
+        # "" is the task's default controller, which for PickCube's Panda is 8-d joint deltas.
+        (
+            7,
+            "",
+            [
+                "control_mode unset (the task's default controller): PickCube-v1 runs controller "
+                "'pd_joint_delta_pos' with action space Box(8,)",
+                "7-d",
+            ],
+        ),
+        (
+            7,
+            "pd_ee_delta_pos",
+            [
+                "control_mode 'pd_ee_delta_pos': PickCube-v1 runs controller 'pd_ee_delta_pos' "
+                "with action space Box(4,)",
+                "7-d",
+            ],
+        ),
+        (4, "pd_ee_delta_pose", ["Box(7,)", "the policy's actions are 4-d"]),
+        (4, "pd_ee_delta_pos", None),  # xyz and the gripper: collects
+    ],
+)
+def test_collection_checks_the_controller_against_the_policys_action_dim(
+    env_server, zero_policy, action_dim, control_mode, needles
+):
+    stub, _ = env_server
+    policy, rollout_target = zero_policy
+    policy.action_dim = action_dim
+    request = _start(
+        control_mode=control_mode, rollout_target=rollout_target, iterations=1,
+        max_episode_steps=2, image_size=32, run_id=f"dim{action_dim}",
+    )  # fmt: skip
+    if needles is not None:
+        code, details = _code(stub.StartCollection, request)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        for needle in needles:
+            assert needle in details, details
+        return
+    stub.StartCollection(request, timeout=60)
+    status = _wait_done(stub)
+    assert status.state == "idle" and status.segments_written == 1, status
+
+
+def test_training_video_of_the_first_env(env_server, tmp_path, redis_url):
+    """env.train.video_cfg: one MP4 per iteration of env 0 (of stage 0), T+1 frames."""
+    import cv2
+
+    stub, _ = env_server
+    rollout = ServiceProcess(
+        "services.rollout_server.main",
+        ["--checkpoint", str(save_policy(build_tiny_policy(seed=0), tmp_path / "ckpt",
+                                         tokenizer=build_tiny_tokenizer()))],
+        tmp_path,
+        "rollout",
+    )  # fmt: skip
+    try:
+        rollout.wait_healthy()
+        video_dir = tmp_path / "video"
+        stub.StartCollection(
+            _start(
+                rollout_target=rollout.target, buffer_url=redis_url, iterations=2, num_envs=2,
+                pipeline_stage_num=2, max_episode_steps=3, run_id="video",
+                video_dir=str(video_dir), info_on_video=True,
+                max_staleness=1,  # no learner: the policy stays at version 0
+            ),
+            timeout=60,
+        )  # fmt: skip
+        status = _wait_done(stub)
+        assert status.state == "idle" and status.segments_written == 4, status
+    finally:
+        stub.StopCollection(env_pb2.StopCollectionRequest(), timeout=30)
+        rollout.stop()
+    # The env server's id is "test" (the fixture's --server-id).
+    assert sorted(str(p.relative_to(video_dir)) for p in video_dir.rglob("*")) == [
+        "test",
+        "test/iter00000_env0.mp4",
+        "test/iter00001_env0.mp4",
+    ]
+    for name in ("iter00000_env0.mp4", "iter00001_env0.mp4"):
+        capture = cv2.VideoCapture(str(video_dir / "test" / name))
+        frames = []
+        ok, frame = capture.read()
+        while ok:
+            frames.append(frame)
+            ok, frame = capture.read()
+        capture.release()
+        assert len(frames) == 3 + 1  # T = 3 observations and the bootstrap one
+        assert frames[0].shape == (224, 224, 3)

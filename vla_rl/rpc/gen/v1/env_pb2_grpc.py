@@ -60,6 +60,11 @@ class EnvServiceStub:
                 request_serializer=vla__rl_dot_v1_dot_env__pb2.StepRequest.SerializeToString,
                 response_deserializer=vla__rl_dot_v1_dot_env__pb2.StepReply.FromString,
                 _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/vla_rl.v1.EnvService/CloseSession',
+                request_serializer=vla__rl_dot_v1_dot_env__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=vla__rl_dot_v1_dot_env__pb2.CloseSessionReply.FromString,
+                _registered_method=True)
 
 
 class EnvServiceServicer:
@@ -101,6 +106,14 @@ class EnvServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CloseSession(self, request, context):
+        """Closes an evaluation session and its env (sessions otherwise close after 10 idle minutes,
+        and a server holds at most 8). Closing an unknown session is not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnvServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +141,11 @@ def add_EnvServiceServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=vla__rl_dot_v1_dot_env__pb2.StepRequest.FromString,
                     response_serializer=vla__rl_dot_v1_dot_env__pb2.StepReply.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=vla__rl_dot_v1_dot_env__pb2.CloseSessionRequest.FromString,
+                    response_serializer=vla__rl_dot_v1_dot_env__pb2.CloseSessionReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +284,33 @@ class EnvService:
             '/vla_rl.v1.EnvService/Step',
             vla__rl_dot_v1_dot_env__pb2.StepRequest.SerializeToString,
             vla__rl_dot_v1_dot_env__pb2.StepReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vla_rl.v1.EnvService/CloseSession',
+            vla__rl_dot_v1_dot_env__pb2.CloseSessionRequest.SerializeToString,
+            vla__rl_dot_v1_dot_env__pb2.CloseSessionReply.FromString,
             options,
             channel_credentials,
             insecure,
