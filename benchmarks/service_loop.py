@@ -4,7 +4,8 @@
    1 and 2 envs;
 2. rollout: actions/s through gRPC Act to a rollout server (torch engine, tiny model) next to the
    same engine called in-process (the baseline: the ratio is the price of the service);
-3. the whole loop: env steps/s of `vla-rl train` (tiny PPO), with rollout.pipeline_stage_num 1 and 2.
+3. the whole loop: env steps/s of `vla-rl train` (tiny PPO), with rollout.pipeline_stage_num 1
+   and 2, and with algorithm.max_staleness 1 (collection one version ahead, decoupled PPO).
 
     python benchmarks/service_loop.py            # writes benchmarks/results/service_loop_cpu.json
 """
@@ -77,14 +78,14 @@ def rollout_actions_per_s(ckpt: Path, batch: int, repeats: int, tmp: Path) -> di
     return {"in_process": local, "grpc": remote, "grpc_over_in_process": remote / local}
 
 
-def whole_loop(stages: int, iterations: int, tmp: Path) -> dict[str, float]:
-    name = f"bench_stages{stages}"
+def whole_loop(stages: int, iterations: int, tmp: Path, staleness: int = 0) -> dict[str, float]:
+    name = f"bench_stages{stages}_staleness{staleness}"
     cmd = [
         sys.executable, "-m", "vla_rl.cli", "train",
         f"runner.logger.log_path={tmp}", f"runner.logger.experiment_name={name}",
         f"runner.max_epochs={iterations}", "env.train.total_num_envs=2",
         "env.train.max_episode_steps=16", "env.train.max_steps_per_rollout_epoch=16",
-        f"rollout.pipeline_stage_num={stages}",
+        f"rollout.pipeline_stage_num={stages}", f"algorithm.max_staleness={staleness}",
     ]  # fmt: skip
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
@@ -130,6 +131,9 @@ def main() -> None:
         results["whole_loop"] = {
             f"pipeline_stages_{s}": whole_loop(s, args.iterations, tmp) for s in (1, 2)
         }
+        results["whole_loop"]["pipeline_stages_1_max_staleness_1"] = whole_loop(
+            1, args.iterations, tmp, staleness=1
+        )
         print("whole loop:", results["whole_loop"], flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

@@ -13,12 +13,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vla_rl.config import TrainConfig, dump_yaml, load_config
+from vla_rl.config import ConfigError, TrainConfig, dump_yaml, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,33 +98,54 @@ def _device_of(spec: list[int] | str) -> str:
     return "cpu" if spec == "cpu" else "cuda"
 
 
+def tiny_model_spec(cfg: TrainConfig) -> dict | None:
+    """What the tiny random checkpoint is built from when actor.model.model_path is null (None
+    when a real checkpoint is configured)."""
+    model = cfg.actor.model
+    if model.model_path:
+        return None
+    parallel = model.model_type == "openvla_oft"
+    return {
+        "decoding": "parallel" if parallel else "autoregressive",
+        "action_chunk": model.num_action_chunks if parallel else 1,
+        "action_dim": model.action_dim,
+        "seed": cfg.runner.seed,
+    }
+
+
 def prepare_model(cfg: TrainConfig, run_dir: Path) -> str:
     """The checkpoint every service loads: the configured one, or a tiny random one written once
     per run directory (rollout and learner must start from identical base weights)."""
-    if cfg.actor.model.model_path:
+    spec = tiny_model_spec(cfg)
+    if spec is None:
         return cfg.actor.model.model_path
     path = run_dir / "tiny_model"
     if not (path / "config.json").exists():
         from vla_rl.models import tiny_config
         from vla_rl.models.tiny import write_tiny_checkpoint
 
-        model = cfg.actor.model
-        parallel = model.model_type == "openvla_oft"
-        config = tiny_config(
-            decoding="parallel" if parallel else "autoregressive",
-            action_chunk=model.num_action_chunks if parallel else 1,
-            action_dim=model.action_dim,
-        )
-        write_tiny_checkpoint(path, config, seed=cfg.runner.seed)
+        seed = spec.pop("seed")
+        write_tiny_checkpoint(path, tiny_config(**spec), seed=seed)
     return str(path)
+
+
+def buffer_kind(cfg: TrainConfig, redis_installed: bool) -> str:
+    """'url' (buffer.url names one), 'redis' (start a local redis-server) or 'memory' (serve the
+    in-memory store)."""
+    if cfg.buffer.url:
+        return "url"
+    if cfg.buffer.backend == "redis" or (cfg.buffer.backend == "auto" and redis_installed):
+        return "redis"
+    return "memory"
 
 
 def start_buffer(cfg: TrainConfig, launch: Launch) -> str:
     """A buffer URL: the configured one, a local redis-server, or a served in-memory store."""
-    if cfg.buffer.url:
-        return cfg.buffer.url
     redis_bin = shutil.which("redis-server")
-    if cfg.buffer.backend == "redis" or (cfg.buffer.backend == "auto" and redis_bin):
+    kind = buffer_kind(cfg, redis_bin is not None)
+    if kind == "url":
+        return cfg.buffer.url
+    if kind == "redis":
         if redis_bin is None:
             raise SystemExit("buffer.backend is redis but no redis-server is installed")
         port = free_port()
@@ -223,11 +245,15 @@ def collection_request(
         control_mode=train.control_mode or "",
         task_modules=list(train.task_modules),
         image_size=train.image_size,
+        env_type=train.env_type,
+        video_dir=train.video_cfg.video_base_dir if train.video_cfg.save_video else "",
+        info_on_video=train.video_cfg.info_on_video,
     )
 
 
 def evaluation_args(cfg: TrainConfig) -> dict | None:
-    """`vla_rl.evaluation.evaluate` arguments for env.eval, or None when no evaluation runs."""
+    """`vla_rl.evaluation.evaluate` arguments for env.eval, or None when no evaluation runs
+    (runner.val_check_interval -1 and no eval videos)."""
     ev = cfg.env.eval
     if not (cfg.runner.val_check_interval > 0 or ev.video_cfg.save_video):
         return None
@@ -235,11 +261,18 @@ def evaluation_args(cfg: TrainConfig) -> dict | None:
     return dict(
         task_ids=list(ev.task_ids),
         episodes=ev.total_num_envs,
-        max_steps=ev.max_episode_steps,
+        max_steps=ev.max_steps_per_rollout_epoch,
+        max_episode_steps=ev.max_episode_steps,
         seed=ev.seed,
         video_dir=ev.video_cfg.video_base_dir if ev.video_cfg.save_video else None,
         info_on_video=ev.video_cfg.info_on_video,
         temperature=temperature if temperature > 0 else None,
+        env_type=ev.env_type,
+        image_size=ev.image_size,
+        control_mode=ev.control_mode,
+        reward_mode=ev.reward_mode,
+        task_modules=list(ev.task_modules),
+        sim_backend=ev.sim_backend,
     )
 
 
@@ -320,8 +353,11 @@ def train(config_path: str | None, overrides: list[str], num_gpus: int | None = 
     from vla_rl.training.checkpoints import read_state, resume_source
 
     try:
-        model_path = prepare_model(cfg, run_dir)
         resume = resume_source(cfg.actor.checkpoint_dir, cfg.runner.resume_dir)
+    except ValueError as e:
+        raise ConfigError("runner.resume_dir", str(e)) from None
+    try:
+        model_path = prepare_model(cfg, run_dir)
         plan = launch_plan(
             cfg,
             num_gpus,
@@ -343,6 +379,9 @@ def train(config_path: str | None, overrides: list[str], num_gpus: int | None = 
         )
         env_servers = [c for c in launch.children if c.name.startswith("env")]
         _start_collection(env_servers, plan.collection)
+        evaluations = None
+        if plan.evaluation is not None:
+            evaluations = Evaluations(cfg, plan.evaluation, [c.target for c in env_servers])
         print(
             f"vla-rl train: {cfg.runner.max_epochs} iterations of {cfg.algorithm.adv_type.upper()}"
             f" on {cfg.env.train.task_ids} ({cfg.env.train.total_num_envs} envs, "
@@ -353,9 +392,11 @@ def train(config_path: str | None, overrides: list[str], num_gpus: int | None = 
             time.sleep(1.0)
             launch.check_alive()
             _check_collection(env_servers)
+            if evaluations is not None:
+                evaluations.poll()
         code = learner.proc.returncode
-        if code == 0 and plan.evaluation is not None:
-            run_evaluation(cfg, plan.evaluation, env_servers[0].target)
+        if code == 0 and evaluations is not None:
+            evaluations.finish()
         summary = run_summary(cfg, env_servers)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if code == 0:
@@ -369,25 +410,89 @@ def train(config_path: str | None, overrides: list[str], num_gpus: int | None = 
         launch.stop()
 
 
-def run_evaluation(cfg: TrainConfig, args: dict, env_target: str) -> dict[str, float]:
-    """Evaluation episodes of the final policy (env.eval), logged under eval/* and as videos."""
-    from vla_rl.evaluation import evaluate
+def run_evaluation(
+    cfg: TrainConfig, args: dict, env_targets: list[str], step: int
+) -> dict[str, float]:
+    """One evaluation of the policy the rollout serves: env.eval's episodes in contiguous chunks
+    over the first env.eval.num_servers env servers (the same episodes one server would play),
+    logged under eval/* at `step`, written to eval/step_<step>.json and eval.json (the latest),
+    with videos under <video_base_dir>/step_<step>/."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    result = evaluate(env_target, cfg.rollout.addresses[0], **args)
-    video_dir = args.get("video_dir")
-    metrics = result.metrics()
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(str(Path(cfg.run_dir) / "tensorboard")) as writer:
+    from vla_rl.evaluation import EvalResult, evaluate
+
+    servers = env_targets[: cfg.env.eval.num_servers]
+    episodes = args["episodes"]
+    bounds = [episodes * i // len(servers) for i in range(len(servers) + 1)]
+    video_dir = Path(args["video_dir"]) / f"step_{step:05d}" if args["video_dir"] else None
+
+    def play(i: int) -> EvalResult:
+        return evaluate(
+            servers[i],
+            cfg.rollout.addresses[i % len(cfg.rollout.addresses)],
+            **{**args, "episodes": bounds[i + 1] - bounds[i], "video_dir": video_dir},
+            first_episode=bounds[i],
+        )
+
+    with ThreadPoolExecutor(len(servers)) as pool:
+        result = EvalResult([e for r in pool.map(play, range(len(servers))) for e in r.episodes])
+    metrics = result.metrics()
+    run_dir = Path(cfg.run_dir)
+    with SummaryWriter(str(run_dir / "tensorboard")) as writer:
         for key, value in metrics.items():
-            writer.add_scalar(key, value, cfg.runner.max_epochs)
-    (Path(cfg.run_dir) / "eval.json").write_text(json.dumps(result.episodes, indent=2))
+            writer.add_scalar(key, value, step)
+    text = json.dumps(result.episodes, indent=2)
+    (run_dir / "eval").mkdir(exist_ok=True)
+    (run_dir / "eval" / f"step_{step:05d}.json").write_text(text)
+    (run_dir / "eval.json").write_text(text)
     print(
-        f"eval: success {metrics['eval/success_once']:.2f} over {len(result.episodes)} episodes"
-        + (f", videos in {video_dir}" if video_dir else ""),
+        f"eval at step {step}: success {metrics['eval/success_once']:.2f} over "
+        f"{len(result.episodes)} episodes" + (f", videos in {video_dir}" if video_dir else ""),
         flush=True,
     )
     return metrics
+
+
+class Evaluations:
+    """env.eval on the served policy: every runner.val_check_interval policy versions, in a
+    thread beside training (episodes report the version that served them; the step is the
+    version when the evaluation started), and once on the final policy."""
+
+    def __init__(self, cfg: TrainConfig, args: dict, env_targets: list[str]) -> None:
+        from vla_rl.rpc.rollout_client import RolloutClient
+
+        self.cfg, self.args, self.env_targets = cfg, args, env_targets
+        self.interval = cfg.runner.val_check_interval
+        self.rollout = RolloutClient(cfg.rollout.addresses[0])
+        self.steps: list[int] = []
+        self.thread: threading.Thread | None = None
+
+    def _run(self, step: int) -> None:
+        try:
+            run_evaluation(self.cfg, self.args, self.env_targets, step)
+        except Exception as e:  # noqa: BLE001 - an evaluation must not stop training
+            print(f"eval at step {step} failed: {type(e).__name__}: {e}", flush=True)
+
+    def poll(self) -> None:
+        """Start a periodic evaluation when one is due and none is running."""
+        if self.interval <= 0 or (self.thread is not None and self.thread.is_alive()):
+            return
+        version = self.rollout.policy().policy_version
+        due = version // self.interval * self.interval
+        if 0 < due < self.cfg.runner.max_epochs and due not in self.steps:
+            self.steps.append(due)
+            self.thread = threading.Thread(target=self._run, args=(version,), daemon=True)
+            self.thread.start()
+
+    def finish(self) -> None:
+        """Wait for a running evaluation, then evaluate the final policy."""
+        if self.thread is not None:
+            self.thread.join()
+        self.steps.append(self.cfg.runner.max_epochs)
+        self._run(self.cfg.runner.max_epochs)
+        self.rollout.close()
 
 
 def run_summary(cfg: TrainConfig, env_servers: list[Child]) -> dict:

@@ -42,7 +42,7 @@ class _Request:
 
 
 class DynamicBatcher:
-    def __init__(self, engine: Engine, max_batch_size: int = 64, max_wait_ms: float = 5.0) -> None:
+    def __init__(self, engine: Engine, max_batch_size: int, max_wait_ms: float) -> None:
         if max_batch_size < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size must be >= 1 and max_wait_ms >= 0")
         self.engine = engine

@@ -161,3 +161,37 @@ def test_fsdp_learner_then_resume(tmp_path):
     assert [r["policy_version"] for r in summary["rollout"]] == [2]
     assert summary["buffer"]["pending"] == 0
     assert summary["buffer"]["acked_segments"] == summary["buffer"]["length"] == 4
+
+
+@pytest.mark.slow
+def test_stale_collection_trains_with_decoupled_ppo_and_evaluates_periodically(tmp_path):
+    """max_staleness 1: collection runs one version ahead of the learner, and the loss corrects
+    with the rollout's log-probs (decoupled PPO). val_check_interval 1: env.eval runs beside
+    training on the served policy and once more on the final one."""
+    run_dir, stdout = _train(
+        tmp_path,
+        [
+            "runner.logger.experiment_name=stale",
+            "runner.max_epochs=3",
+            "runner.val_check_interval=1",
+            "algorithm.max_staleness=1",
+            "env.eval.total_num_envs=1",
+            "env.eval.max_steps_per_rollout_epoch=2",
+        ],
+    )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [r["policy_version"] for r in summary["rollout"]] == [3]
+    written = sum(e["segments_written"] for e in summary["env"])
+    assert written == 6 and summary["buffer"]["pending"] == 0
+    scalars = _scalars(run_dir)
+    trained = sum(v for _, v in scalars["rollout/num_segments"])
+    dropped = scalars["rollout/stale_segments_dropped"][-1][1]
+    assert trained + dropped == written and dropped == 0
+    # Decoupled PPO's importance weights were applied (and logged) in every iteration.
+    assert [s for s, _ in scalars["train/actor/behaviour_weight_mean"]] == [1, 2, 3]
+    assert all(0 <= v <= 1 for _, v in scalars["rollout/policy_lag"])
+    # The final evaluation, plus at least one while training.
+    steps = sorted(int(p.stem.split("_")[1]) for p in (run_dir / "eval").glob("step_*.json"))
+    assert steps[-1] == 3 and len(steps) >= 2, steps
+    assert len(scalars["eval/success_once"]) == len(steps)
+    assert "iter    3/3" in stdout

@@ -31,7 +31,9 @@ from vla_rl.models import PromptTokenizer, tiny_config
 from vla_rl.models.lora import LoRASettings, apply_lora
 from vla_rl.models.tiny import build_tiny_policy, build_tiny_tokenizer
 from vla_rl.training import PPOUpdateConfig, TrainBatch, ppo_update
+from vla_rl.training.checkpoints import CheckpointState, resume_source, save_checkpoint
 from vla_rl.training.demo import make_optimizer
+from vla_rl.training.distributed import optimizer_state, serialize_adapter_distributed
 
 H = W = 224
 
@@ -365,3 +367,30 @@ def test_seq_mean_token_mean_weights_every_episode_equally(prompts_of):
     )  # fmt: skip
     # GRPO trains on each env's first episode: 1 decision (success at 0) and 4 (failure).
     assert batch.loss_weights.view(4, 2).sum(0).tolist() == [1.0, 1.0]
+
+
+# ------------------------------------------------------------------------- runner.resume_dir
+
+
+def test_resume_dir_starts_a_new_run_from_another_runs_checkpoint(tmp_path):
+    first = _learner(from_url("memory://", stream="r1"), 1)
+    first.loop.checkpoint_dir = tmp_path / "first"
+    first.iteration, first.policy_version = 5, 5
+    with torch.no_grad():
+        next(p for p in first.policy.parameters() if p.requires_grad).add_(0.5)
+    blob = serialize_adapter_distributed(first.policy, 5)
+    first.save_checkpoint(blob, optimizer_state(first.policy, first.optimizer))
+
+    second = _learner(from_url("memory://", stream="r2"), 1)
+    second.loop.checkpoint_dir = tmp_path / "second"
+    second.loop.resume_dir = str(tmp_path / "first")  # a checkpoints root: its latest
+    assert second.resume()
+    assert (second.iteration, second.policy_version) == (5, 5)
+    a = [p for p in first.policy.parameters() if p.requires_grad]
+    b = [p for p in second.policy.parameters() if p.requires_grad]
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    # Once the new run has a checkpoint of its own, a restart continues from that one.
+    save_checkpoint(tmp_path / "second", CheckpointState(6, 6), blob, {})
+    assert resume_source(tmp_path / "second", str(tmp_path / "first")).name == "global_step_6"
+    with pytest.raises(ValueError, match="is not a checkpoint"):
+        resume_source(tmp_path / "third", str(tmp_path / "missing"))

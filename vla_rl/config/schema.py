@@ -107,9 +107,12 @@ class RunnerConfig:
     save_interval: int = -1
     """Save a checkpoint every this many iterations (-1: only at the end)."""
     val_check_interval: int = -1
-    """Run the eval envs every this many iterations (-1: never)."""
+    """Evaluate env.eval every this many policy versions (in the background, beside training)
+    and the final policy; -1: only the final policy, and only when env.eval.video_cfg.save_video."""
     resume_dir: str | None = None
-    """Checkpoint directory to resume from (weights, optimizer, policy_version, iteration)."""
+    """Checkpoint to start from when this run has none of its own: a global_step_N directory or a
+    checkpoints directory (its latest); adapter, optimizer, iteration and policy version. A run
+    that already has a checkpoint (a restart) continues from its own latest instead."""
     seed: int = 0
     """Seed of the learner (shuffling, LoRA init); env seeds are under env.train/env.eval."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -256,7 +259,8 @@ class VideoConfig:
     """Episode videos written by the env servers."""
 
     save_video: bool = False
-    """Record the rendered frames of every env (costly with software rendering)."""
+    """env.eval: one MP4 per evaluation episode; env.train: one MP4 per iteration of each env
+    server's first env, from the observations it already sends (no extra rendering)."""
     info_on_video: bool = True
     """Overlay reward, success and step on the frames."""
     video_base_dir: str | None = None
@@ -276,11 +280,13 @@ class EnvSectionConfig:
     total_num_envs: int = 2
     """Parallel envs over all env servers."""
     num_servers: int = 1
-    """Env server processes; each steps total_num_envs / num_servers envs."""
+    """Env server processes; each steps total_num_envs / num_servers envs. For env.eval: how many
+    of the training env servers share the evaluation episodes."""
     max_episode_steps: int = 8
     """Env steps before an episode is truncated."""
     max_steps_per_rollout_epoch: int = 8
-    """Env steps each env takes per iteration (a multiple of actor.model.num_action_chunks)."""
+    """Env steps each env takes per iteration (a multiple of actor.model.num_action_chunks); for
+    env.eval, the most steps an evaluation episode plays."""
     auto_reset: bool = True
     """Reset an env as soon as its episode ends and keep collecting within the iteration. Only
     true is supported (RLinf's key, kept so its configs load): GRPO scores each env's first
@@ -736,6 +742,12 @@ class TrainConfig:
                     f"{section.total_num_envs} envs do not split evenly over num_servers "
                     f"{section.num_servers} x rollout.pipeline_stage_num {stages}",
                 )
+        if self.env.eval.num_servers > self.env.train.num_servers:
+            raise ConfigError(
+                "env.eval.num_servers",
+                f"{self.env.eval.num_servers} is more than env.train.num_servers "
+                f"{self.env.train.num_servers} (evaluation runs on the training env servers)",
+            )
         group = self.algorithm.group_size
         per_server = self.env.train.total_num_envs // self.env.train.num_servers
         if per_server % group:

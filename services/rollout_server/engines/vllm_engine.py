@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from services.rollout_server.engines.base import AdapterError, Engine, EngineOutput
+from vla_rl.config.schema import RolloutConfig
 from vla_rl.models import PromptTokenizer, load_policy, load_tokenizer, read_config
 from vla_rl.models.lora import (
     LLM_TARGETS,
@@ -116,9 +117,9 @@ class VLLMEngine(Engine):
         *,
         device: str = "cpu",
         dtype: str | torch.dtype = torch.float32,
-        gpu_memory_utilization: float = 0.3,
+        gpu_memory_utilization: float = RolloutConfig.gpu_memory_utilization,
         kv_cache_memory_bytes: int | None = None,
-        max_batch_size: int = 64,
+        max_batch_size: int = RolloutConfig.max_batch_size,
         max_model_len: int = 512,
         max_num_batched_tokens: int | None = None,
         max_lora_rank: int = 64,
