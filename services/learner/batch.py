@@ -18,6 +18,7 @@ from vla_rl.algorithms import (
 )
 from vla_rl.buffer import Segment
 from vla_rl.models import OpenVLAPolicy, PromptBatch, PromptTokenizer
+from vla_rl.training.distributed import reshard
 from vla_rl.training.update import TrainBatch
 
 
@@ -107,6 +108,9 @@ def recompute_old(
             lp, _, v = policy.evaluate_actions(pv, p, action_tokens[sl], temperature=temperature)
             logps.append(lp.float().cpu())
         values.append(v.float().cpu())
+    # Without resharding after forward (shard_grad_op) the no-grad passes would leave every FSDP
+    # unit gathered, i.e. the whole model on every rank, until the update's backward.
+    reshard(policy)
     logp = torch.cat(logps) if logps else torch.empty(0)
     return logp, torch.cat(values)
 

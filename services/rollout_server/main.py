@@ -21,22 +21,29 @@ _VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 _DEFAULTS = RolloutConfig()
 
 
+def engine_options(args: argparse.Namespace) -> dict:
+    """Constructor arguments of the chosen engine, from the server's flags."""
+    if args.engine == "torch":
+        return {"device": args.device, "precision": args.precision}
+    if args.engine == "vllm":
+        return {
+            "device": args.device,
+            "dtype": _VLLM_DTYPES[args.precision],
+            "gpu_memory_utilization": args.gpu_memory_utilization,
+            "max_batch_size": args.max_batch_size,
+        }
+    raise ValueError(f"unknown engine {args.engine!r} (torch or vllm)")
+
+
 def build_engine(args: argparse.Namespace):
+    options = engine_options(args)
     if args.engine == "torch":
         from .engines.torch_engine import TorchEngine
 
-        return TorchEngine(args.checkpoint, device=args.device, precision=args.precision)
-    if args.engine == "vllm":
-        from .engines.vllm_engine import VLLMEngine
+        return TorchEngine(args.checkpoint, **options)
+    from .engines.vllm_engine import VLLMEngine
 
-        return VLLMEngine(
-            args.checkpoint,
-            device=args.device,
-            dtype=_VLLM_DTYPES[args.precision],
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            max_batch_size=args.max_batch_size,
-        )
-    raise ValueError(f"unknown engine {args.engine!r} (torch or vllm)")
+    return VLLMEngine(args.checkpoint, **options)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -105,7 +106,11 @@ def main(out_dir: Path) -> None:
     batch = distributed.broadcast_object(build_batch() if info.is_main else None)
     out: dict[str, object] = {"world": info.world_size}
     for kind in OPTIMIZERS:
-        policy = distributed.shard_policy(build_policy().to(info.device))
+        # FSDP_RESHARD=0: actor.fsdp_config.sharding_strategy shard_grad_op (ZeRO-2).
+        reshard = os.environ.get("FSDP_RESHARD", "1") == "1"
+        policy = distributed.shard_policy(
+            build_policy().to(info.device), reshard_after_forward=reshard
+        )
         before = distributed.serialize_adapter_distributed(policy, version=0)
         if kind == "adamw":
             out["probes"] = probe(policy, batch)

@@ -210,3 +210,19 @@ def test_unsupported_values_are_refused_naming_the_key(key):
     with pytest.raises(ConfigError) as err:
         load_config(None, context + [f"{key}={_yaml(value)}"])
     assert key in str(err.value)
+
+
+@pytest.mark.parametrize("engine", ["torch", "vllm"])
+def test_rollout_flags_from_the_plan_reach_the_engine(engine):
+    """The last hop of rollout.* keys: the flags launch_plan writes, parsed by the rollout server,
+    become the engine's constructor arguments (rollout.precision once never reached vLLM)."""
+    from services.rollout_server.main import engine_options, parse_args
+
+    cfg = load_config(None, [f"rollout.engine={engine}", "rollout.precision=bf16"])
+    (rollout,) = observe(cfg)["rollout"]
+    args = parse_args(rollout.args[2:])  # after "-m services.rollout_server.main"
+    options = engine_options(args)
+    assert options.get("precision", options.get("dtype")) in ("bf16", "bfloat16")
+    if engine == "vllm":
+        assert options["gpu_memory_utilization"] == cfg.rollout.gpu_memory_utilization
+        assert options["max_batch_size"] == cfg.rollout.max_batch_size

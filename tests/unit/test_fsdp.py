@@ -59,9 +59,10 @@ def torch_threads(n: int):
 
 
 @pytest.mark.timeout(300)
-def test_two_process_fsdp_update_equals_single_process(tmp_path):
+@pytest.mark.parametrize("reshard", ["1", "0"], ids=["full_shard", "shard_grad_op"])
+def test_two_process_fsdp_update_equals_single_process(tmp_path, reshard):
     out = tmp_path / "fsdp.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", FSDP_RESHARD=reshard)
     # --standalone: a local rendezvous on a free port, so parallel test runs do not collide.
     cmd = [*_torchrun(), "--standalone", "--nproc_per_node", "2", worker.__file__, str(out)]
     log = tmp_path / "torchrun.log"

@@ -58,3 +58,41 @@ def test_bad_update_config_is_an_error():
         PPOUpdateConfig(logprob_level="sequence")
     with pytest.raises(ValueError, match="micro_batch_size"):
         PPOUpdateConfig(micro_batch_size=0)
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_gradients(prompt_tokenizer, images):
+    """actor.fsdp_config.gradient_checkpointing: every LLM layer and vision block runs its forward
+    again in backward, and the LoRA gradients are the same as without it."""
+
+    def grads(checkpointing: bool) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        torch.manual_seed(0)
+        policy = apply_lora(build_tiny_policy(), LoRASettings(rank=4))
+        if checkpointing:
+            policy.enable_gradient_checkpointing()
+        with torch.no_grad():  # LoRA B starts at 0; give the A matrices a gradient too
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        calls = {"llm": 0, "vision": 0}
+        # Hooks on modules inside a block (the block's own hook does not fire on the recompute).
+        llm_layer = policy.language_model.model.layers[0].self_attn.q_proj
+        tower_block = policy.vision_backbone.featurizer.blocks[0].mlp
+        llm_layer.register_forward_hook(lambda *_: calls.__setitem__("llm", calls["llm"] + 1))
+        tower_block.register_forward_hook(
+            lambda *_: calls.__setitem__("vision", calls["vision"] + 1)
+        )
+        policy.train()
+        prompts = prompt_tokenizer(INSTRUCTIONS)
+        tokens = torch.full((3, 7), 31800)
+        logp, _, values = policy.evaluate_actions(policy.pixel_values(images), prompts, tokens)
+        (logp.sum() + values.sum()).backward()
+        named = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        return named, calls
+
+    plain, plain_calls = grads(False)
+    checkpointed, calls = grads(True)
+    assert plain_calls == {"llm": 1, "vision": 1}
+    assert calls == {"llm": 2, "vision": 2}  # recomputed in backward
+    assert plain.keys() == checkpointed.keys() and any("vision" in n for n in plain)
+    for name, grad in plain.items():
+        assert torch.allclose(checkpointed[name], grad, rtol=1e-4, atol=1e-6), name

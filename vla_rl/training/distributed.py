@@ -210,6 +210,16 @@ def all_reduce_sums(
     return total_sums, total_counts
 
 
+def reshard(policy: nn.Module) -> None:
+    """Put every FSDP unit back to its sharded parameters. Without resharding after forward
+    (sharding_strategy shard_grad_op), a no-grad forward (the recompute, generate) leaves units
+    gathered until the next backward, and reading or loading state then sees plain tensors where
+    the optimizer holds the sharded ones."""
+    for module in policy.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 # ------------------------------------------------------------------------------ the adapter
 def full_trainable_state(policy: nn.Module) -> dict[str, torch.Tensor]:
     """LoRA and value-head tensors as plain, full, contiguous CPU tensors, by parameter name.
@@ -217,6 +227,7 @@ def full_trainable_state(policy: nn.Module) -> dict[str, torch.Tensor]:
     A collective when the policy is sharded: every rank must call it (every rank gets the full
     tensors; they are adapter-sized).
     """
+    reshard(policy)
     out = {}
     for name, t in trainable_state(policy).items():
         if isinstance(t, DTensor):
@@ -274,6 +285,7 @@ def optimizer_state(policy: nn.Module, optimizer: torch.optim.Optimizer) -> dict
     complete on rank 0, empty on the others), for a checkpoint that any world size can load.
     Unsharded it holds references to the live state: save it before the next step."""
     sharded = isinstance(policy, FSDPModule)
+    reshard(policy)
     options = StateDictOptions(full_state_dict=True, cpu_offload=sharded)
     return get_optimizer_state_dict(policy, optimizer, options=options)
 
@@ -284,6 +296,7 @@ def load_optimizer_state(
     """Load what `optimizer_state` saved. When sharded only rank 0's `state` is read (the
     others may pass {}); it is broadcast and each rank keeps its shard."""
     sharded = isinstance(policy, FSDPModule)
+    reshard(policy)
     if sharded and not broadcast_object(bool(state.get("state"))):
         return  # nothing to load (no step taken yet, or a stateless optimizer)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)

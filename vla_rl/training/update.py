@@ -24,7 +24,7 @@ from vla_rl.algorithms import (
 )
 from vla_rl.models import OpenVLAPolicy, PromptBatch, aggregate_entropy, aggregate_logprobs
 
-from .distributed import all_reduce_sums, clip_grad_norm, data_parallel
+from .distributed import all_reduce_sums, clip_grad_norm, data_parallel, reshard
 
 
 @dataclass
@@ -91,6 +91,7 @@ def make_optimizer(
     eps: float = 1e-8,
 ) -> torch.optim.AdamW:
     """AdamW with a separate learning rate for the value head (it starts from scratch)."""
+    reshard(policy)  # the optimizer must hold the sharded parameters, not gathered copies
     head = [
         p for n, p in policy.named_parameters() if p.requires_grad and n.startswith("value_head.")
     ]
