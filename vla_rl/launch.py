@@ -400,6 +400,16 @@ def train(config_path: str | None, overrides: list[str], num_gpus: int | None = 
         summary = run_summary(cfg, env_servers)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if code == 0:
+            from vla_rl.report import plot_learning_curve
+
+            train = cfg.env.train
+            curve = plot_learning_curve(
+                run_dir,
+                train.total_num_envs * train.max_steps_per_rollout_epoch,
+                title=f"{cfg.runner.logger.experiment_name}: {cfg.algorithm.adv_type.upper()} "
+                f"on {', '.join(train.task_ids)}",
+            )
+            print(f"learning curve: {curve}", flush=True)
             print(f"done: TensorBoard logs in {run_dir / 'tensorboard'}, "
                   f"checkpoints in {cfg.actor.checkpoint_dir}", flush=True)  # fmt: skip
         return code
@@ -422,6 +432,7 @@ def run_evaluation(
     from torch.utils.tensorboard import SummaryWriter
 
     from vla_rl.evaluation import EvalResult, evaluate
+    from vla_rl.report import success_summary
 
     servers = env_targets[: cfg.env.eval.num_servers]
     episodes = args["episodes"]
@@ -447,9 +458,11 @@ def run_evaluation(
     (run_dir / "eval").mkdir(exist_ok=True)
     (run_dir / "eval" / f"step_{step:05d}.json").write_text(text)
     (run_dir / "eval.json").write_text(text)
+    low, high = success_summary(result.episodes)["all"]["ci95"]
     print(
-        f"eval at step {step}: success {metrics['eval/success_once']:.2f} over "
-        f"{len(result.episodes)} episodes" + (f", videos in {video_dir}" if video_dir else ""),
+        f"eval at step {step}: success {metrics['eval/success_once']:.2f} "
+        f"(95% CI {low:.2f}-{high:.2f}) over {len(result.episodes)} episodes"
+        + (f", videos in {video_dir}" if video_dir else ""),
         flush=True,
     )
     return metrics

@@ -101,6 +101,7 @@ def _check_run(run_dir: Path, stdout: str, expected_tags: list[str]) -> None:
     assert [v for _, v in scalars["rollout/policy_version"]] == [1.0, 2.0]
     assert (run_dir / "checkpoints" / "global_step_2" / "adapter.safetensors").exists()
     assert "iter    1/2" in stdout and "iter    2/2" in stdout
+    assert (run_dir / "learning_curve.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow

@@ -1,0 +1,102 @@
+"""What a run shows a user at the end: success rates with 95% confidence intervals and the
+learning curve as a PNG (training `env/success_once` and evaluation success against env steps).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% (z = 1.96) Wilson score interval of a success rate; (0, 1) when n is 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and is sensible at 0 or n successes,
+    which small evaluation sets often give.
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def success_summary(episodes: list[dict]) -> dict:
+    """Success over episodes (dicts with 'success_once' and 'task_id'): overall and per task, each
+    {'episodes', 'successes', 'success_rate', 'ci95': [low, high]}."""
+
+    def summarise(group: list[dict]) -> dict:
+        n = len(group)
+        k = sum(bool(e["success_once"]) for e in group)
+        low, high = wilson_interval(k, n)
+        return {
+            "episodes": n,
+            "successes": k,
+            "success_rate": k / n if n else 0.0,
+            "ci95": [low, high],
+        }
+
+    tasks = sorted({e["task_id"] for e in episodes})
+    return {
+        "all": summarise(episodes),
+        "tasks": {t: summarise([e for e in episodes if e["task_id"] == t]) for t in tasks},
+    }
+
+
+def read_scalars(tensorboard_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a TensorBoard directory: tag -> [(step, value)] sorted by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {
+        tag: sorted((e.step, e.value) for e in acc.Scalars(tag)) for tag in acc.Tags()["scalars"]
+    }
+
+
+def plot_learning_curve(run_dir: Path, env_steps_per_iteration: int, title: str = "") -> Path:
+    """Write <run_dir>/learning_curve.png: training success_once per iteration and every
+    evaluation's success rate with its 95% interval (from eval/step_N.json), against env steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    scalars = read_scalars(run_dir / "tensorboard")
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    train = scalars.get("env/success_once", [])
+    if train:
+        ax.plot(
+            [s * env_steps_per_iteration for s, _ in train],
+            [v for _, v in train],
+            "-o",
+            markersize=3,
+            label="training episodes (env/success_once)",
+        )
+    evaluations = sorted((run_dir / "eval").glob("step_*.json"))
+    if evaluations:
+        xs, ys, lows, highs = [], [], [], []
+        for path in evaluations:
+            step = int(path.stem.split("_")[1])
+            summary = success_summary(json.loads(path.read_text()))["all"]
+            xs.append(step * env_steps_per_iteration)
+            ys.append(summary["success_rate"])
+            lows.append(summary["success_rate"] - summary["ci95"][0])
+            highs.append(summary["ci95"][1] - summary["success_rate"])
+        ax.errorbar(xs, ys, yerr=[lows, highs], fmt="s", capsize=4, label="evaluation (95% CI)")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("success rate")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or run_dir.name)
+    if train or evaluations:
+        ax.legend(loc="best")
+    out = run_dir / "learning_curve.png"
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
