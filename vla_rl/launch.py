@@ -251,11 +251,11 @@ def collection_request(
     )
 
 
-def evaluation_args(cfg: TrainConfig) -> dict | None:
+def evaluation_args(cfg: TrainConfig, force: bool = False) -> dict | None:
     """`vla_rl.evaluation.evaluate` arguments for env.eval, or None when no evaluation runs
-    (runner.val_check_interval -1 and no eval videos)."""
+    (runner.val_check_interval -1 and no eval videos) unless `force`."""
     ev = cfg.env.eval
-    if not (cfg.runner.val_check_interval > 0 or ev.video_cfg.save_video):
+    if not (force or cfg.runner.val_check_interval > 0 or ev.video_cfg.save_video):
         return None
     temperature = cfg.rollout.sampling_params.temperature_eval
     return dict(
@@ -339,6 +339,16 @@ def launch_plan(
     )
 
 
+def wait_until_healthy(launch: Launch, timeout_s: float = 300) -> None:
+    """Wait for every started gRPC service to report SERVING; a child that died is an error."""
+    from vla_rl.rpc.client import wait_for_health
+
+    for child in launch.children:
+        if child.target:
+            wait_for_health(child.target, timeout_s=timeout_s)
+            launch.check_alive()
+
+
 def train(config_path: str | None, overrides: list[str], num_gpus: int | None = None) -> int:
     cfg = load_config(config_path, overrides)  # every config error surfaces before any start
     if num_gpus is None:
@@ -349,7 +359,6 @@ def train(config_path: str | None, overrides: list[str], num_gpus: int | None = 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     launch = Launch(run_dir)
-    from vla_rl.rpc.client import wait_for_health
     from vla_rl.training.checkpoints import read_state, resume_source
 
     try:
@@ -370,10 +379,7 @@ def train(config_path: str | None, overrides: list[str], num_gpus: int | None = 
         for proc in plan.rollout + plan.env:
             launch.start(proc.name, [py, *proc.args], gpus=proc.gpus, target=proc.target)
         dump_yaml(cfg, run_dir / "config.yaml")
-        for child in launch.children:
-            if child.target:
-                wait_for_health(child.target, timeout_s=300)
-                launch.check_alive()
+        wait_until_healthy(launch)
         learner = launch.start(
             "learner", [py, *plan.learner.args], gpus=plan.learner.gpus, to_console=True
         )
@@ -427,28 +433,14 @@ def run_evaluation(
     over the first env.eval.num_servers env servers (the same episodes one server would play),
     logged under eval/* at `step`, written to eval/step_<step>.json and eval.json (the latest),
     with videos under <video_base_dir>/step_<step>/."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from torch.utils.tensorboard import SummaryWriter
 
-    from vla_rl.evaluation import EvalResult, evaluate
+    from vla_rl.eval_run import play_episodes
     from vla_rl.report import success_summary
 
-    servers = env_targets[: cfg.env.eval.num_servers]
-    episodes = args["episodes"]
-    bounds = [episodes * i // len(servers) for i in range(len(servers) + 1)]
     video_dir = Path(args["video_dir"]) / f"step_{step:05d}" if args["video_dir"] else None
-
-    def play(i: int) -> EvalResult:
-        return evaluate(
-            servers[i],
-            cfg.rollout.addresses[i % len(cfg.rollout.addresses)],
-            **{**args, "episodes": bounds[i + 1] - bounds[i], "video_dir": video_dir},
-            first_episode=bounds[i],
-        )
-
-    with ThreadPoolExecutor(len(servers)) as pool:
-        result = EvalResult([e for r in pool.map(play, range(len(servers))) for e in r.episodes])
+    servers = env_targets[: cfg.env.eval.num_servers]
+    result = play_episodes(args, servers, cfg.rollout.addresses, video_dir)
     metrics = result.metrics()
     run_dir = Path(cfg.run_dir)
     with SummaryWriter(str(run_dir / "tensorboard")) as writer:

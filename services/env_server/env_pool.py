@@ -451,10 +451,10 @@ def probe_controllers(
             ) from err
     finally:
         parent.close()
-        proc.join(timeout=5)
+        proc.join(timeout=1)
         if proc.is_alive():
             proc.terminate()
-            proc.join(timeout=5)
+            proc.join(timeout=2)
     if reply[0] == "ok":
         return reply[1]
     _, kind, message, trace = reply

@@ -33,7 +33,9 @@ POLICY_ACTION_DIM = 7
 service whose PolicyInfo gives none; a collection otherwise takes PolicyInfo.action_dim."""
 RESET_CONTROL_MODE = "pd_ee_delta_pose"
 """The controller of a ResetRequest that leaves control_mode unset (older clients)."""
-PROBE_TIMEOUT_S = 20.0
+# The controller check runs inside StartCollection, so it must end well within the client's
+# deadline; on a loaded machine it gives up (the collection's own pool checks again when built).
+PROBE_TIMEOUT_S = 8.0
 """How long StartCollection waits for its controller check (StartCollection's deadline is 30 s)."""
 DEFAULT_IMAGE_SIZE = 224
 DEFAULT_REWARD_MODE = "normalized_dense"

@@ -21,7 +21,7 @@ DEFAULT_DEADLINE_S: Mapping[str, float] = MappingProxyType(
         "status": 10.0,  # GetStatus, GetPolicy, health Check
         "act": 60.0,  # Act: one batch; a 7B model on a cold or CPU engine is slow
         "push_adapter": 300.0,  # PushAdapter: upload and load a LoRA + value head
-        "collection": 30.0,  # StartCollection, StopCollection
+        "collection": 60.0,  # StartCollection (checks the tasks' controllers), StopCollection
         "reset": 120.0,  # Reset: may build a ManiSkill scene
         "step": 60.0,  # Step: one action or one action chunk
     }
