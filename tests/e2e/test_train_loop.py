@@ -132,7 +132,8 @@ def test_ppo_two_iterations_torch_engine(tmp_path):
     out = tmp_path / "eval_table"
     proc = subprocess.run(
         [sys.executable, "-m", "vla_rl.cli", "eval", "--adapter",
-         str(run_dir / "checkpoints" / "global_step_2"), "--splits", "train", "--episodes", "2",
+         str(run_dir / "checkpoints" / "global_step_2"), "--splits", "train,semantic",
+         "--episodes", "2",
          "--out", str(out), f"actor.model.model_path={run_dir / 'tiny_model'}",
          "env.eval.max_steps_per_rollout_epoch=2"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -140,6 +141,11 @@ def test_ppo_two_iterations_torch_engine(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     table = json.loads((out / "eval_table.json").read_text())
     assert table["label"] == "adapter v2" and table["rows"]["train"]["episodes"] == 2
+    assert table["rows"]["semantic"]["episodes"] == 2 and "ood_average" in table["rows"]
+    assert [e["task_id"] for e in table["episodes"]["semantic"]] == [
+        "PickCube-v1-semantic-colour",
+        "PickCube-v1-semantic-size",
+    ]
     assert [e["policy_version"] for e in table["episodes"]["train"]] == [2, 2]
 
 
