@@ -553,6 +553,18 @@ class _SingleEnv:
         self.env.close()
 
 
+def make_single_env(config: EnvPoolConfig, task_id: str | None = None) -> _SingleEnv:
+    """One env of ``task_id`` (default: config.task_ids[0]) in this process, built as the ``cpu``
+    backend builds each of its envs (same gym.make kwargs, camera and instruction), for tools that
+    drive an env themselves (``collect_demos``). ``reset(seed)`` gives (image, instruction),
+    ``step(action, reset_seed)`` a dict as in the pool, resetting with reset_seed when the episode
+    ends; ``.env`` is the ManiSkill env (privileged state: ``.env.unwrapped``)."""
+    task_id = config.task_of(0) if task_id is None else task_id
+    import_task_modules(config.task_modules)
+    instruction, _ = resolve_task(task_id)
+    return _SingleEnv(config, task_id, instruction)
+
+
 # --------------------------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------------------------
