@@ -80,6 +80,17 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _collect_demos(args: argparse.Namespace, rest: list[str]) -> int:
+    """Run the env server's demo collector as its own process (services are started by module
+    name; the library imports none of them)."""
+    import subprocess
+
+    from vla_rl.launch import REPO_ROOT
+
+    cmd = [sys.executable, "-m", "services.env_server.collect_demos", *rest]
+    return subprocess.call(cmd, cwd=REPO_ROOT)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-rl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. env.eval.seed=7")
     ev.set_defaults(func=_eval)
 
+    demos = sub.add_parser(
+        "collect-demos",
+        add_help=False,
+        help="scripted-expert demonstrations (npz episodes + meta.json); --help for its flags",
+    )
+    demos.set_defaults(func=_collect_demos, passthrough=True)
+
     tiny = sub.add_parser("tiny-checkpoint", help="write a tiny random OpenVLA checkpoint")
     tiny.add_argument("path")
     tiny.add_argument("--model", choices=["openvla", "openvlaoft"], default="openvla")
@@ -139,7 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if getattr(args, "passthrough", False):
+        return args.func(args, rest)
+    if rest:
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     return args.func(args)
 
 

@@ -376,3 +376,13 @@ class _Documented:
 def test_field_docs_reads_the_literals_after_fields():
     assert field_docs(_Documented) == {"plain": "One line.", "multi": "First line,\nsecond line."}
     assert field_docs(AlgorithmConfig)["gamma"] == "Discount factor per decision."
+
+
+def test_collect_demos_passes_its_flags_to_the_env_servers_collector(capfd):
+    from vla_rl.cli import main
+
+    assert main(["collect-demos", "--help"]) == 0
+    assert "--task" in capfd.readouterr().out
+    assert main(["collect-demos", "--task", "NoSuchTask-v9", "--episodes", "1", "--out", "/tmp/x"])
+    with pytest.raises(SystemExit):
+        main(["train", "--no-such-flag"])
