@@ -58,28 +58,19 @@ from typing import Any
 
 import numpy as np
 
+from vla_rl.demos import (
+    CONTROL_MODE,
+    EPISODE_KEYS,
+    FORMAT,
+    VERSION,
+    episode_file,
+)
+
 from .env_pool import EnvPoolConfig, make_single_env
 from .experts import ActionQuantizer, expert_for, read_state
 from .tasks import resolve_task
 
-FORMAT = "vla-rl-demos"
-VERSION = 1
-CONTROL_MODE = "pd_ee_delta_pose"
-EPISODE_KEYS = {
-    "images": np.uint8,
-    "actions": np.float32,
-    "action_tokens": np.int64,
-    "expert_actions": np.float32,
-    "rewards": np.float32,
-    "success": np.bool_,
-    "terminated": np.bool_,
-    "truncated": np.bool_,
-}
 _MAX_STEPS_GUARD = 100_000
-
-
-def episode_file(index: int) -> str:
-    return f"episode_{index:06d}.npz"
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -248,36 +239,6 @@ def _summarise(meta: dict[str, Any], wall_s: float) -> None:
 # --------------------------------------------------------------------------------------------
 # Reading back
 # --------------------------------------------------------------------------------------------
-
-
-def load_episode(path: str | Path) -> dict[str, Any]:
-    """One episode file -> dict of arrays (``images`` ...) and the scalars ``episode_success``
-    (bool), ``seed`` (int), ``task_id`` and ``instruction`` (str). Checks keys and shapes."""
-    with np.load(path, allow_pickle=False) as data:
-        ep = {k: data[k] for k in data.files}
-    missing = sorted(set(EPISODE_KEYS) | {"episode_success", "seed", "task_id", "instruction"})
-    missing = [k for k in missing if k not in ep]
-    if missing:
-        raise ValueError(f"{path}: missing {missing}")
-    t = len(ep["actions"])
-    for k, dt in EPISODE_KEYS.items():
-        if ep[k].dtype != dt or len(ep[k]) != t:
-            raise ValueError(f"{path}: {k} has dtype {ep[k].dtype} and length {len(ep[k])}")
-    ep["episode_success"] = bool(ep["episode_success"])
-    ep["seed"] = int(ep["seed"])
-    ep["task_id"] = str(ep["task_id"])
-    ep["instruction"] = str(ep["instruction"])
-    return ep
-
-
-def load_demos(directory: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(meta.json, the written episodes in order) of a collect_demos output directory."""
-    directory = Path(directory)
-    meta = json.loads((directory / "meta.json").read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ValueError(f"{directory}: not a {FORMAT} v{VERSION} directory")
-    episodes = [load_episode(directory / e["file"]) for e in meta["episodes"] if e["file"]]
-    return meta, episodes
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from services.env_server import collect_demos as cd
 from services.env_server import experts as E
 from services.env_server.env_pool import EnvPool, EnvPoolConfig
 from services.env_server.tasks import registered_tasks
+from vla_rl import demos as demo_format
 from vla_rl.models import ActionNormalizer, ActionTokenizer, default_norm_stats
 
 # Held-out seeds (the gains were tuned on seeds 1000-1049); each task's episodes stay < 50 steps.
@@ -189,7 +190,7 @@ def test_collect_demos_writes_loadable_episodes(tmp_path):
         "meta.json",
     ]
 
-    loaded_meta, episodes = cd.load_demos(tmp_path)
+    loaded_meta, episodes = demo_format.load_demos(tmp_path)
     assert loaded_meta == on_disk and len(episodes) == 2
     tok = ActionTokenizer()
     normalizer = ActionNormalizer.from_norm_stats(meta["norm_stats"], meta["unnorm_key"])
@@ -234,7 +235,7 @@ def test_collect_demos_cli_keeps_or_drops_failures(tmp_path, capsys):
     kept = cd.main([*args, "--out", str(tmp_path / "kept"), "--keep-failures"])
     assert "success 0/2" in capsys.readouterr().out
     assert kept["success_rate"] == 0.0 and kept["episodes_written"] == 2
-    _, episodes = cd.load_demos(tmp_path / "kept")
+    _, episodes = demo_format.load_demos(tmp_path / "kept")
     for ep in episodes:
         assert ep["images"].shape == (3, 64, 64, 3)
         assert not ep["episode_success"] and ep["truncated"][-1] and not ep["success"].any()
@@ -243,14 +244,14 @@ def test_collect_demos_cli_keeps_or_drops_failures(tmp_path, capsys):
     assert dropped["episodes_written"] == 0 and dropped["episodes_run"] == 2
     assert [e["file"] for e in dropped["episodes"]] == [None, None]
     assert list((tmp_path / "dropped").glob("*.npz")) == []
-    assert cd.load_demos(tmp_path / "dropped")[1] == []
+    assert demo_format.load_demos(tmp_path / "dropped")[1] == []
 
 
 def test_load_episode_rejects_a_wrong_dtype(tmp_path):
     t = 2
     arrays = {
         k: np.zeros((t, 7) if k.endswith("actions") else (t,), dtype=dt)
-        for k, dt in cd.EPISODE_KEYS.items()
+        for k, dt in demo_format.EPISODE_KEYS.items()
     }
     arrays["images"] = np.zeros((t, 8, 8, 3), dtype=np.uint8)
     arrays["action_tokens"] = np.zeros((t, 7), dtype=np.int64)
@@ -261,8 +262,8 @@ def test_load_episode_rejects_a_wrong_dtype(tmp_path):
         instruction=np.asarray("y"),
     )
     np.savez(tmp_path / "ok.npz", **arrays, **extra)
-    assert cd.load_episode(tmp_path / "ok.npz")["seed"] == 1
+    assert demo_format.load_episode(tmp_path / "ok.npz")["seed"] == 1
     arrays["actions"] = arrays["actions"].astype(np.float64)
     np.savez(tmp_path / "bad.npz", **arrays, **extra)
     with pytest.raises(ValueError, match="actions"):
-        cd.load_episode(tmp_path / "bad.npz")
+        demo_format.load_episode(tmp_path / "bad.npz")
