@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -91,6 +92,34 @@ def _collect_demos(args: argparse.Namespace, rest: list[str]) -> int:
     return subprocess.call(cmd, cwd=REPO_ROOT)
 
 
+def _bc(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from vla_rl.training.bc import BCConfig, run
+
+    cfg = BCConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_episodes=args.max_episodes,
+        seed=args.seed,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        init = args.init
+        if init is None:  # a tiny random OpenVLA-architecture model, as the embedded default uses
+            from vla_rl.models import tiny_config
+            from vla_rl.models.tiny import write_tiny_checkpoint
+
+            parallel = args.model == "openvlaoft"
+            config = tiny_config(
+                decoding="parallel" if parallel else "autoregressive",
+                action_chunk=args.chunk if parallel else 1,
+            )
+            init = str(write_tiny_checkpoint(Path(tmp) / "init", config, seed=args.seed))
+        run(args.demos, init, args.out, cfg, log=lambda line: print(line, flush=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-rl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +168,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="output directory (default <run_dir>/eval_table)")
     ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. env.eval.seed=7")
     ev.set_defaults(func=_eval)
+
+    bc = sub.add_parser(
+        "bc", help="behaviour-clone demonstrations into an OpenVLA-layout checkpoint (warm start)"
+    )
+    bc.add_argument("--demos", nargs="+", required=True, help="collect-demos output directories")
+    bc.add_argument("--out", required=True, help="checkpoint directory to write")
+    bc.add_argument("--init", default=None,
+                    help="checkpoint to start from (default: a tiny random one, see --model)")  # fmt: skip
+    bc.add_argument("--model", choices=["openvla", "openvlaoft"], default="openvla")
+    bc.add_argument("--chunk", type=int, default=8, help="OFT action chunk length")
+    bc.add_argument("--steps", type=int, default=300)
+    bc.add_argument("--batch-size", type=int, default=16)
+    bc.add_argument("--lr", type=float, default=3e-4)
+    bc.add_argument("--max-episodes", type=int, default=None,
+                    help="first N episodes of each directory (limit data for a moderate base)")  # fmt: skip
+    bc.add_argument("--seed", type=int, default=0)
+    bc.set_defaults(func=_bc)
 
     demos = sub.add_parser(
         "collect-demos",
