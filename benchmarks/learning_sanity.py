@@ -1,8 +1,12 @@
 """Learning-sanity experiments (issue 2): PPO / GRPO on the colour-bandit task with the tiny VLA,
 a line per 10 iterations (sampled success, and its two parts), then greedy success on 256 fresh
-observations. Seeded: a rerun on the same machine prints the same numbers.
+observations. Seeded: a rerun on the same machine prints the same numbers. Every flag left out
+takes the demo's default for the chosen decoding (`DemoConfig.for_decoding`).
 
     python benchmarks/learning_sanity.py --decoding parallel --lr 1e-3 --epochs 4 --iterations 80
+    python benchmarks/learning_sanity.py --decoding autoregressive --iterations 100 --seed 1
+    python benchmarks/learning_sanity.py --decoding autoregressive --iterations 100 \
+        --no-centred-action-head --no-ordinal-action-embeddings     # the checkpoint before the fix
 """
 
 from __future__ import annotations
@@ -10,78 +14,106 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
+from vla_rl.training.demo import DemoConfig, evaluate_greedy, run_demo
 
-from vla_rl.algorithms import compute_gae, compute_grpo_advantages
-from vla_rl.models import ActionTokenizer, PromptTokenizer, tiny_config
-from vla_rl.models.lora import LoRASettings, apply_lora
-from vla_rl.models.tiny import build_tiny_policy, build_tiny_tokenizer
-from vla_rl.tasks import ColourBandit
-from vla_rl.training.demo import evaluate_greedy
-from vla_rl.training.update import PPOUpdateConfig, TrainBatch, make_optimizer, ppo_update
+# flag -> DemoConfig field
+FIELDS = {
+    "algorithm": "algorithm",
+    "decoding": "decoding",
+    "lr": "lr",
+    "value_lr": "value_lr",
+    "epochs": "update_epochs",
+    "mini_batches": "num_mini_batches",
+    "batch": "batch_size",
+    "group": "group_size",
+    "rank": "lora_rank",
+    "lora_targets": "lora_targets",
+    "logprob_level": "logprob_level",
+    "entropy_coef": "entropy_coef",
+    "entropy_level": "entropy_level",
+    "temperature": "temperature",
+    "value_coef": "value_coef",
+    "hidden_size": "hidden_size",
+    "llm_layers": "llm_layers",
+    "centred_action_head": "centred_action_head",
+    "ordinal_action_embeddings": "ordinal_action_embeddings",
+    "iterations": "iterations",
+    "seed": "seed",
+}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--algorithm", choices=["ppo", "grpo"], default="ppo")
     p.add_argument("--decoding", choices=["autoregressive", "parallel"], default="parallel")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--mini-batches", type=int, default=2)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--value-lr", type=float)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--mini-batches", type=int)
+    p.add_argument("--batch", type=int)
     p.add_argument("--group", type=int, default=8)
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rank", type=int)
+    p.add_argument("--lora-targets", nargs="+", choices=["llm", "projector", "vision"])
+    p.add_argument("--logprob-level", choices=["token", "action"])
+    p.add_argument("--entropy-coef", type=float)
+    p.add_argument("--entropy-level", choices=["token", "action"])
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--value-coef", type=float)
+    p.add_argument("--hidden-size", type=int, help="width of the tiny LLM")
+    p.add_argument("--llm-layers", type=int, help="layers of the tiny LLM")
+    p.add_argument(
+        "--centred-action-head",
+        action=argparse.BooleanOptionalAction,
+        help="tiny checkpoint: centre the action tokens' initial distributions "
+        "(default: on for autoregressive decoding)",
+    )
+    p.add_argument(
+        "--ordinal-action-embeddings",
+        action=argparse.BooleanOptionalAction,
+        help="tiny checkpoint: ordered input embeddings of the action ids "
+        "(default: on for autoregressive decoding)",
+    )
     p.add_argument("--iterations", type=int, default=80)
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args()
-    torch.manual_seed(a.seed)
-    policy = build_tiny_policy(tiny_config(decoding=a.decoding), a.seed)
-    apply_lora(policy, LoRASettings(rank=a.rank, alpha=2 * a.rank))
-    optimizer = make_optimizer(policy, a.lr, 1e-2)
-    prompts_of = PromptTokenizer(build_tiny_tokenizer())
-    tokenizer, task = ActionTokenizer(), ColourBandit(seed=a.seed)
-    grpo = a.algorithm == "grpo"
-    cfg = PPOUpdateConfig(
-        update_epochs=a.epochs,
-        num_mini_batches=a.mini_batches,
-        micro_batch_size=32,
-        value_coef=0.0 if grpo else 0.5,
-        normalize_advantages=not grpo,
-        value_clip=None,
-    )
-    gen = torch.Generator().manual_seed(a.seed)
-    t0, window = time.monotonic(), []
-    for it in range(a.iterations):
-        obs = task.sample(a.batch, a.group if grpo else 1)
-        prompts = prompts_of(obs.instructions)
-        out = policy.generate(policy.pixel_values(obs.images), prompts, generator=gen)
-        actions = tokenizer.decode(out.action_tokens.view(a.batch, 1, 7))
-        reward, success = task.reward(obs, actions), task.success(obs, actions)
-        if grpo:
-            adv, returns = compute_grpo_advantages(reward, torch.arange(a.batch) // a.group), reward
-        else:  # one-step episodes: GAE is r - V(s)
-            done = torch.ones(1, a.batch, dtype=torch.bool)
-            adv, returns = compute_gae(
-                reward[None], out.values[None], torch.zeros(1, a.batch), done, ~done, 0.99, 0.95
-            )
-            adv, returns = adv[0], returns[0]
-        batch = TrainBatch(
-            obs.images, prompts, out.action_tokens, out.logprobs, adv, returns, out.values
-        )
-        metrics = ppo_update(policy, optimizer, batch, cfg, gen)
-        reach, grip = task._parts(obs, actions)
-        window.append(
-            (float(success.mean()), float(reach.float().mean()), float(grip.float().mean()))
-        )
-        if (it + 1) % 10 == 0:
+    return p.parse_args(argv)
+
+
+def config_from_args(a: argparse.Namespace) -> DemoConfig:
+    given = {
+        field: tuple(v) if isinstance(v, list) else v
+        for flag, field in FIELDS.items()
+        if (v := getattr(a, flag)) is not None
+    }
+    return DemoConfig.for_decoding(given.pop("decoding"), **given)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = config_from_args(parse_args(argv))
+    print(cfg, flush=True)
+    t0, window, done = time.monotonic(), [], [0]
+
+    def on_iteration(h: dict[str, float]) -> None:
+        done[0] += 1
+        window.append((h["env/success_once"], h["env/reach_ok"], h["env/gripper_ok"]))
+        if done[0] % 10 == 0:
             s, r, g = (sum(x[i] for x in window) / len(window) for i in range(3))
             print(
-                f"iter {it + 1:3d}  success {s:.2f}  reach {r:.2f}  gripper {g:.2f}  "
-                f"approx_kl {metrics['actor/approx_kl']:.3f}  {time.monotonic() - t0:.0f}s",
+                f"iter {done[0]:3d}  success {s:.2f}  reach {r:.2f}  gripper {g:.2f}  "
+                f"approx_kl {h['actor/approx_kl']:.3f}  {time.monotonic() - t0:.0f}s",
                 flush=True,
             )
-            window = []
-    print(f"greedy success {evaluate_greedy(policy, prompts_of):.2f} on 256 fresh observations")
+            window.clear()
+
+    result = run_demo(cfg, log=lambda _line: None, on_iteration=on_iteration)
+    succ = [h["env/success_once"] for h in result.history]
+    at = {n: sum(succ[n - 10 : n]) / 10 for n in (25, 50, 100) if n <= len(succ)}
+    summary = "  ".join(f"@{n} {v:.2f}" for n, v in at.items())
+    greedy = evaluate_greedy(result.policy, result.prompts_of)
+    print(
+        f"sampled success (mean of the 10 iterations up to) {summary}; "
+        f"greedy success {greedy:.2f} on 256 fresh observations; {time.monotonic() - t0:.0f}s",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
