@@ -103,6 +103,7 @@ def _bc(args: argparse.Namespace) -> int:
         lr=args.lr,
         max_episodes=args.max_episodes,
         seed=args.seed,
+        device=args.device,
     )
     with tempfile.TemporaryDirectory() as tmp:
         init = args.init
@@ -184,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--max-episodes", type=int, default=None,
                     help="first N episodes of each directory (limit data for a moderate base)")  # fmt: skip
     bc.add_argument("--seed", type=int, default=0)
+    bc.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="auto: the first GPU when torch sees one")  # fmt: skip
     bc.set_defaults(func=_bc)
 
     demos = sub.add_parser(

@@ -203,6 +203,8 @@ class LaunchPlan:
     """StartCollectionRequest fields, one per env server."""
     evaluation: dict | None
     """`evaluate` arguments for the final policy; None: no evaluation."""
+    evaluation_servers: list[str]
+    """The env servers evaluation plays on: the first env.eval.num_servers."""
 
 
 def rollout_server_args(cfg: TrainConfig, model_path: str, port: int, device: str) -> list[str]:
@@ -336,6 +338,7 @@ def launch_plan(
         learner=ProcessPlan("learner", learner_args, placement["actor"]),
         collection=collection,
         evaluation=evaluation_args(cfg),
+        evaluation_servers=[p.target for p in env[: cfg.env.eval.num_servers]],
     )
 
 
@@ -387,7 +390,7 @@ def train(config_path: str | None, overrides: list[str], num_gpus: int | None = 
         _start_collection(env_servers, plan.collection)
         evaluations = None
         if plan.evaluation is not None:
-            evaluations = Evaluations(cfg, plan.evaluation, [c.target for c in env_servers])
+            evaluations = Evaluations(cfg, plan.evaluation, plan.evaluation_servers)
         print(
             f"vla-rl train: {cfg.runner.max_epochs} iterations of {cfg.algorithm.adv_type.upper()}"
             f" on {cfg.env.train.task_ids} ({cfg.env.train.total_num_envs} envs, "
@@ -430,7 +433,7 @@ def run_evaluation(
     cfg: TrainConfig, args: dict, env_targets: list[str], step: int
 ) -> dict[str, float]:
     """One evaluation of the policy the rollout serves: env.eval's episodes in contiguous chunks
-    over the first env.eval.num_servers env servers (the same episodes one server would play),
+    over `env_targets` (the plan's evaluation_servers; the same episodes one server would play),
     logged under eval/* at `step`, written to eval/step_<step>.json and eval.json (the latest),
     with videos under <video_base_dir>/step_<step>/."""
     from torch.utils.tensorboard import SummaryWriter
@@ -439,8 +442,7 @@ def run_evaluation(
     from vla_rl.report import success_summary
 
     video_dir = Path(args["video_dir"]) / f"step_{step:05d}" if args["video_dir"] else None
-    servers = env_targets[: cfg.env.eval.num_servers]
-    result = play_episodes(args, servers, cfg.rollout.addresses, video_dir)
+    result = play_episodes(args, env_targets, cfg.rollout.addresses, video_dir)
     metrics = result.metrics()
     run_dir = Path(cfg.run_dir)
     with SummaryWriter(str(run_dir / "tensorboard")) as writer:

@@ -386,3 +386,17 @@ def test_collect_demos_passes_its_flags_to_the_env_servers_collector(capfd):
     assert main(["collect-demos", "--task", "NoSuchTask-v9", "--episodes", "1", "--out", "/tmp/x"])
     with pytest.raises(SystemExit):
         main(["train", "--no-such-flag"])
+
+
+def test_a_section_given_in_part_keeps_its_own_defaults():
+    """env.eval's default seed is 1000 (not the training envs' 0). Overriding any other env.eval
+    key used to rebuild the section from EnvSectionConfig's class defaults, so evaluation quietly
+    replayed the training starts from seed 0."""
+    assert TrainConfig().env.eval.seed == 1000
+    cfg = load_config(None, ["env.eval.num_servers=1"])
+    assert cfg.env.eval.seed == 1000
+    assert cfg.env.train.seed == 0
+    assert load_config(None, ["env.eval.seed=7"]).env.eval.seed == 7
+    # An interpolation sees the same default.
+    ref = load_config(None, ["env.eval.num_servers=1", "runner.max_epochs=${env.eval.seed}"])
+    assert ref.runner.max_epochs == 1000

@@ -176,6 +176,7 @@ def observe(cfg: TrainConfig) -> dict:
         "learner_process": plan.learner,
         "collection": plan.collection,
         "evaluation": plan.evaluation,
+        "evaluation_servers": plan.evaluation_servers,
         "learner": learner_plan(plan.config),
     }
 

@@ -302,21 +302,33 @@ class _Interpolation:
 def _default_at(parts: list[str], depth: int) -> tuple[bool, Any]:
     """The default of a dotted key whose first `depth` parts the raw config holds (as sections).
 
-    A section given in the config is built from its class's field defaults; one left out is its
-    parent's default (e.g. env.eval's own seed), so the walk below follows the loader's build.
+    A section given in the config starts from its parent's default for it (env.eval's own seed,
+    see `_section_defaults`), so the default of a key is found by walking the defaults from the
+    top; only where that walk meets no section (a section whose default is None) does the key
+    get its class's field default.
     """
+    given = _class_at(parts[:depth])
+    if given is None:  # the raw config holds a plain mapping there: it replaced the default whole
+        return False, None
+    found, value = _walk_defaults(TrainConfig, parts)
+    return (found, value) if found else _walk_defaults(given, parts[depth:])
+
+
+def _class_at(parts: list[str]) -> Any:
     cls: Any = TrainConfig
-    for part in parts[:depth]:
-        cls = _section_type(get_type_hints(cls).get(part))
-        if cls is None:
-            return False, None
-    field = _field_map(cls).get(parts[depth])
+    for part in parts:
+        cls = _section_type(get_type_hints(cls).get(part)) if cls is not None else None
+    return cls
+
+
+def _walk_defaults(cls: Any, parts: list[str]) -> tuple[bool, Any]:
+    field = _field_map(cls).get(parts[0]) if cls is not None and parts else None
     if field is None:
         return False, None
     value = field_default(field)
     if value is dataclasses.MISSING:
         return False, None
-    for part in parts[depth + 1 :]:
+    for part in parts[1:]:
         if dataclasses.is_dataclass(value) and part in _field_map(type(value)):
             value = getattr(value, part)
         elif isinstance(value, dict) and part in value:
@@ -326,6 +338,25 @@ def _default_at(parts: list[str], depth: int) -> tuple[bool, Any]:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return True, dataclasses.asdict(value)
     return True, copy.deepcopy(value)
+
+
+def _section_defaults(field: dataclasses.Field[Any]) -> dict[str, Any]:
+    """The keys in which a section field's own default differs from its class's defaults, as
+    raw values: env.eval's default is EnvSectionConfig(seed=1000), so a config that gives only
+    `env.eval.num_servers` must still evaluate from seed 1000, not the class default 0 (which
+    would replay the training starts)."""
+    if field.default_factory is dataclasses.MISSING:
+        return {}
+    default = field.default_factory()
+    if not dataclasses.is_dataclass(default):
+        return {}
+    plain = type(default)()
+    differs = {}
+    for f in dataclasses.fields(default):
+        value = getattr(default, f.name)
+        if f.init and value != getattr(plain, f.name):
+            differs[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return differs
 
 
 def _field_map(cls: Any) -> dict[str, dataclasses.Field[Any]]:
@@ -411,7 +442,12 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(prefix, f"expected a section (a mapping), got {_show(data)}")
     hints = get_type_hints(cls)
-    kwargs = {key: _coerce(value, hints[key], _join(prefix, key)) for key, value in data.items()}
+    fields = _field_map(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and key in fields and _section_type(hints[key]) is not None:
+            value = {**_section_defaults(fields[key]), **value}
+        kwargs[key] = _coerce(value, hints[key], _join(prefix, key))
     try:
         return cls(**kwargs)
     except ConfigError as err:

@@ -39,6 +39,17 @@ class BCConfig:
     """Seed of the sampling and of any randomness in the update."""
     log_every: int = 25
     """Print a progress line every this many steps."""
+    device: str = "auto"
+    """Where to train: 'cpu', 'cuda', or 'auto' (the first GPU when there is one)."""
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("bc: --device cuda, but torch sees no GPU")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"bc: --device must be auto, cpu or cuda, not {self.device!r}")
+        return torch.device(self.device)
 
 
 @dataclass
@@ -86,7 +97,7 @@ def token_accuracy(
         for start in range(0, len(steps), batch):
             sl = slice(start, start + batch)
             images = torch.from_numpy(steps.images[sl])
-            tokens = torch.from_numpy(steps.action_tokens[sl]).long()
+            tokens = torch.from_numpy(steps.action_tokens[sl]).long().to(policy.device)
             logits, _ = policy.forward_actions(
                 policy.pixel_values(images), prompts_of(steps.instructions[sl]), tokens
             )
@@ -113,7 +124,7 @@ def behaviour_clone(
         policy.train()
         index = torch.randint(0, len(steps), (cfg.batch_size,), generator=generator).numpy()
         images = torch.from_numpy(steps.images[index])
-        tokens = torch.from_numpy(steps.action_tokens[index]).long()
+        tokens = torch.from_numpy(steps.action_tokens[index]).long().to(policy.device)
         prompts = prompts_of([steps.instructions[i] for i in index])
         logp, _, _ = policy.evaluate_actions(policy.pixel_values(images), prompts, tokens)
         loss = -logp.mean()
@@ -141,7 +152,8 @@ def run(
 ) -> dict[str, float]:
     """Load `init` (a checkpoint directory), clone the demonstrations into it and write `out`."""
     torch.manual_seed(cfg.seed)
-    policy = load_policy(init)
+    device = cfg.torch_device()
+    policy = load_policy(init).to(device)
     steps = load_steps(demos, cfg.max_episodes, chunk=policy.config.action_chunk)
     tokenizer = load_tokenizer(init)
     prompts_of = PromptTokenizer(tokenizer)
@@ -152,7 +164,7 @@ def run(
     losses = behaviour_clone(policy, prompts_of, steps, cfg, log)
     after = token_accuracy(policy, prompts_of, steps)
     save_policy(policy, out, tokenizer=tokenizer)
-    log(f"bc: token accuracy {before:.3f} -> {after:.3f}; wrote {out}")
+    log(f"bc: token accuracy {before:.3f} -> {after:.3f} on {device}; wrote {out}")
     return {
         "token_accuracy_before": before,
         "token_accuracy_after": after,

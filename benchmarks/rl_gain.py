@@ -1,0 +1,300 @@
+"""Does RL make a warm-started VLA better? Issue 9's table, in phases that each fit one call on a
+lent GPU (state is kept under --work, results land under --out):
+
+  base   scripted-expert demonstrations of --task -> behaviour cloning of a tiny OpenVLA-
+         architecture model, checkpointed after each of --bc-steps -> every checkpoint evaluated
+         greedily on the training split -> the one whose success is closest to --target-base is
+         the base -> the base's table on every split (train, vision, semantic, execution).
+  rl     `vla-rl train` from --base with PPO or GRPO through the services (periodic evaluation
+         every --eval-every iterations), stopped after --minutes or --iterations, then the table of
+         its last checkpoint on every split and the learning curve PNG.
+
+Everything goes through the user-facing commands (`vla-rl collect-demos`, `bc`, `eval`, `train`)
+so the figures are what a user gets. On the lent GPU (benchmarks/README.md says how ManiSkill gets
+there):
+
+    python3 benchmarks/rl_gain.py base --out $OUT
+    python3 benchmarks/rl_gain.py rl --algorithm ppo --base $OUT/base --minutes 7 --out $OUT
+    python3 benchmarks/rl_gain.py rl --algorithm grpo --base $OUT/base --minutes 7 --out $OUT
+
+and at laptop scale, as the tests do: `--demos 4 --bc-steps 20 --eval-episodes 4 --envs 2`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SPLITS = "train,vision,semantic,execution"
+# What reaches stdout (everything goes to the phase's log files): progress and results.
+SHOW = re.compile(
+    r"^(iter |eval |bc: |bc step .*0{3}/|\||train |vision |semantic |execution |"
+    r"Traceback|\w*Error|error|collect-demos|.*success)"
+)
+
+
+def vla_rl(*args: str, log: Path | None = None, deadline_s: float | None = None) -> int:
+    """Run `python -m vla_rl.cli ARGS` from the repository root, teeing its output to `log`.
+    Past `deadline_s` it gets SIGINT (the launcher's Ctrl-C path: every service stops, the latest
+    checkpoint stays)."""
+    cmd = [sys.executable, "-m", "vla_rl.cli", *args]
+    print("$ " + " ".join(cmd), flush=True)
+    sink = open(log, "a") if log else None  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    start = time.monotonic()
+    stopped = False
+    try:
+        assert proc.stdout is not None
+        os.set_blocking(proc.stdout.fileno(), False)
+        while True:
+            line = proc.stdout.readline()
+            if line:
+                if SHOW.search(line):
+                    print(line, end="", flush=True)
+                if sink:
+                    sink.write(line)
+                continue
+            if proc.poll() is not None:
+                rest = proc.stdout.read() or ""
+                print("".join(x for x in rest.splitlines(True) if SHOW.search(x)), end="")
+                if sink:
+                    sink.write(rest)
+                break
+            if deadline_s is not None and not stopped and time.monotonic() - start > deadline_s:
+                print(f"[rl_gain] {deadline_s:.0f} s passed: stopping the run (SIGINT)", flush=True)
+                proc.send_signal(signal.SIGINT)
+                stopped = True
+            time.sleep(0.05)
+    finally:
+        if sink:
+            sink.close()
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode if not stopped else 0
+
+
+def model_overrides(args: argparse.Namespace, base: str) -> list[str]:
+    oft = args.model == "openvlaoft"
+    return [
+        f"actor.model.model_path={base}",
+        f"actor.model.model_type={'openvla_oft' if oft else 'openvla'}",
+        f"actor.model.num_action_chunks={args.chunk if oft else 1}",
+        f"actor.lora.rank={args.lora_rank}",
+        f"actor.lora.alpha={args.lora_rank}",
+    ]
+
+
+def env_overrides(args: argparse.Namespace) -> list[str]:
+    """Training and evaluation envs: one env per env server (evaluation plays one episode per
+    server at a time, so servers are its parallelism), --episode-steps long episodes."""
+    steps = args.episode_steps
+    placement = "cpu" if args.device == "cpu" else "0"
+    return [
+        f"cluster.component_placement={{actor: {placement}, rollout: {placement}, env: {placement}}}",
+        f"env.train.task_ids=[{args.task}]",
+        f"env.eval.task_ids=[{args.task}]",
+        f"env.train.total_num_envs={args.envs}",
+        f"env.train.num_servers={args.envs}",
+        f"env.train.max_episode_steps={steps}",
+        f"env.train.max_steps_per_rollout_epoch={steps}",
+        f"env.eval.num_servers={args.envs}",
+        f"env.eval.total_num_envs={args.periodic_eval_episodes}",
+        f"env.eval.max_episode_steps={steps}",
+        f"env.eval.max_steps_per_rollout_epoch={steps}",
+        "rollout.sampling_params.temperature_eval=0",  # greedy, as the tables are
+    ]
+
+
+def eval_table(args: argparse.Namespace, base: str, out: Path, adapter: str | None) -> dict:
+    """`vla-rl eval` on every split; returns eval_table.json."""
+    cmd = [
+        "eval",
+        "--splits",
+        args.splits,
+        "--episodes",
+        str(args.eval_episodes),
+        "--out",
+        str(out),
+    ]
+    if adapter:
+        cmd += ["--adapter", adapter]
+    cmd += model_overrides(args, base) + env_overrides(args)
+    cmd += [f"runner.logger.log_path={args.work}/eval_runs", "runner.logger.experiment_name=eval"]
+    if vla_rl(*cmd, log=out.with_suffix(".log")) != 0:
+        raise SystemExit(f"vla-rl eval failed; see {out.with_suffix('.log')}")
+    return json.loads((out / "eval_table.json").read_text())
+
+
+def train_success(table: dict) -> float:
+    return table["rows"]["train"]["success_rate"]
+
+
+def phase_base(args: argparse.Namespace) -> None:
+    work, out = Path(args.work), Path(args.out)
+    demos = work / "demos" / args.task
+    if not (demos / "meta.json").is_file():
+        rc = vla_rl(
+            "collect-demos", "--task", args.task, "--episodes", str(args.demos),
+            "--seed", "0", "--out", str(demos), "--max-episode-steps", str(args.episode_steps),
+            "--quiet", "--overwrite",
+        )  # fmt: skip
+        if rc != 0:
+            raise SystemExit("collect-demos failed")
+    candidates: list[dict] = []
+    previous, done = None, 0
+    for steps in args.bc_steps:
+        ckpt = work / f"bc_{steps}"
+        cmd = ["bc", "--demos", str(demos), "--out", str(ckpt), "--steps", str(steps - done),
+               "--batch-size", str(args.bc_batch), "--lr", str(args.bc_lr),
+               "--device", args.device, "--seed", str(args.seed)]  # fmt: skip
+        cmd += ["--init", str(previous)] if previous else ["--model", args.model]
+        if args.model == "openvlaoft":
+            cmd += ["--chunk", str(args.chunk)]
+        if vla_rl(*cmd, log=work / f"bc_{steps}.log") != 0:
+            raise SystemExit("bc failed")
+        previous, done = ckpt, steps
+        saved = args.splits, args.eval_episodes
+        args.splits, args.eval_episodes = "train", args.select_episodes
+        table = eval_table(args, str(ckpt), work / f"select_{steps}", None)
+        args.splits, args.eval_episodes = saved
+        candidates.append(
+            {"bc_steps": steps, "checkpoint": str(ckpt), "train": train_success(table)}
+        )
+        print(
+            f"[rl_gain] bc {steps} steps: greedy success {candidates[-1]['train']:.2f}", flush=True
+        )
+    best = min(candidates, key=lambda c: abs(c["train"] - args.target_base))
+    base = out / "base"
+    shutil.rmtree(base, ignore_errors=True)
+    shutil.copytree(best["checkpoint"], base)
+    table = eval_table(args, str(base), out / "base_table", None)
+    result = {"phase": "base", "args": vars(args), "candidates": candidates, "chosen": best,
+              "table": table, **machine()}  # fmt: skip
+    (out / "rl_gain_base.json").write_text(json.dumps(result, indent=2))
+    print(f"[rl_gain] base = bc {best['bc_steps']} steps; wrote {out / 'rl_gain_base.json'}")
+
+
+def phase_rl(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    name = f"{args.algorithm}_{args.model}"
+    runs = Path(args.work) / "runs"
+    run_dir = runs / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    grpo = args.algorithm == "grpo"
+    algo = (
+        ["algorithm.adv_type=grpo", "algorithm.loss_type=actor",
+         f"algorithm.group_size={args.group_size}", "algorithm.normalize_advantages=false"]
+        if grpo else ["algorithm.adv_type=gae", "algorithm.loss_type=actor_critic"]
+    )  # fmt: skip
+    decisions = args.envs * args.episode_steps // (args.chunk if args.model == "openvlaoft" else 1)
+    cmd = ["train", *model_overrides(args, args.base), *env_overrides(args), *algo,
+           f"runner.logger.log_path={runs}", f"runner.logger.experiment_name={name}",
+           f"runner.max_epochs={args.iterations}", f"runner.val_check_interval={args.eval_every}",
+           f"runner.save_interval={args.eval_every}", f"runner.seed={args.seed}",
+           f"algorithm.update_epoch={args.update_epochs}",
+           f"actor.optim.lr={args.lr}", f"actor.global_batch_size={decisions // args.mini_batches}",
+           f"actor.micro_batch_size={min(args.micro_batch, decisions // args.mini_batches)}",
+           f"rollout.sampling_params.temperature_train={args.temperature}"]  # fmt: skip
+    t0 = time.monotonic()
+    vla_rl(*cmd, log=out / f"{name}_train.log", deadline_s=args.minutes * 60)
+    train_s = time.monotonic() - t0
+    steps = sorted(
+        run_dir.glob("checkpoints/global_step_*"), key=lambda p: int(p.name.split("_")[-1])
+    )
+    if not steps:
+        raise SystemExit(f"no checkpoint under {run_dir}/checkpoints")
+    from vla_rl.report import plot_learning_curve
+
+    curve = plot_learning_curve(run_dir, args.envs * args.episode_steps, title=name)
+    shutil.copy(curve, out / f"{name}_learning_curve.png")
+    table = eval_table(args, args.base, out / f"{name}_table", str(steps[-1]))
+    periodic = {
+        p.stem: json.loads(p.read_text()) for p in sorted((run_dir / "eval").glob("step_*.json"))
+    }
+    result = {"phase": "rl", "args": vars(args), "train_wall_s": train_s,
+              "checkpoint": steps[-1].name, "iterations": int(steps[-1].name.split("_")[-1]),
+              "table": table, "periodic_eval": {k: _eval_rate(v) for k, v in periodic.items()},
+              **machine()}  # fmt: skip
+    (out / f"rl_gain_{name}.json").write_text(json.dumps(result, indent=2))
+    shutil.copytree(run_dir / "tensorboard", out / f"{name}_tensorboard", dirs_exist_ok=True)
+    print(f"[rl_gain] wrote {out / f'rl_gain_{name}.json'}", flush=True)
+
+
+def _eval_rate(report: dict) -> float | None:
+    for key in ("success_rate", "eval/success_once"):
+        if key in report:
+            return report[key]
+    found = re.findall(r'"success_rate": ([0-9.]+)', json.dumps(report))
+    return float(found[0]) if found else None
+
+
+def machine() -> dict:
+    import platform
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"machine": {"gpu": gpu, "cpus": os.cpu_count(), "platform": platform.platform()}}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("phase", choices=["base", "rl"])
+    p.add_argument("--out", default="benchmarks/results/rl_gain")
+    p.add_argument("--work", default="/tmp/rl_gain")
+    p.add_argument("--task", default="PushCube-v1")
+    p.add_argument("--model", choices=["openvla", "openvlaoft"], default="openvla")
+    p.add_argument("--chunk", type=int, default=5, help="OFT chunk (divides --episode-steps)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--episode-steps", type=int, default=50)
+    p.add_argument("--envs", type=int, default=16, help="env servers (one env each)")
+    p.add_argument("--splits", default=SPLITS)
+    p.add_argument("--eval-episodes", type=int, default=200, help="per split (+-7 points)")
+    # base
+    p.add_argument("--demos", type=int, default=100)
+    p.add_argument("--bc-steps", type=int, nargs="+", default=[300, 600, 1200, 2400])
+    p.add_argument("--bc-batch", type=int, default=64)
+    p.add_argument("--bc-lr", type=float, default=3e-4)
+    p.add_argument("--select-episodes", type=int, default=64)
+    p.add_argument("--target-base", type=float, default=0.45)
+    # rl
+    p.add_argument("--algorithm", choices=["ppo", "grpo"], default="ppo")
+    p.add_argument("--base", default=None, help="the base checkpoint (phase base's out/base)")
+    p.add_argument("--minutes", type=float, default=7.0)
+    p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--periodic-eval-episodes", type=int, default=32)
+    p.add_argument("--group-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument("--update-epochs", type=int, default=1)
+    p.add_argument("--mini-batches", type=int, default=4)
+    p.add_argument("--micro-batch", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=1.0)
+    args = p.parse_args(argv)
+    if args.phase == "rl" and not args.base:
+        p.error("rl needs --base")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    (phase_base if args.phase == "base" else phase_rl)(args)
+
+
+if __name__ == "__main__":
+    main()
