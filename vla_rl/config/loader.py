@@ -355,7 +355,9 @@ def _section_defaults(field: dataclasses.Field[Any]) -> dict[str, Any]:
     for f in dataclasses.fields(default):
         value = getattr(default, f.name)
         if f.init and value != getattr(plain, f.name):
-            differs[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            differs[f.name] = (
+                dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            )
     return differs
 
 
