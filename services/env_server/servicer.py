@@ -25,6 +25,11 @@ from .tasks import import_task_modules, resolve_task
 log = logging.getLogger("vla_rl.env_server")
 
 MAX_SESSIONS = 8
+# Envs one eval session keeps, one per task/configuration it was reset with (least recently used
+# closed first). An OOD split alternates its variants episode by episode; rebuilding the env at
+# every switch made SAPIEN fail to create a Vulkan instance after a few dozen builds on a GPU
+# machine ("vk::createInstanceUnique: ErrorIncompatibleDriver"), and it is slow anyway.
+MAX_ENVS_PER_SESSION = 4
 SESSION_IDLE_S = 600.0
 ENV_TYPES = ("maniskill",)
 """Simulators this env server runs ("" in a request means "maniskill", for older clients)."""
@@ -152,11 +157,32 @@ def _session_key(env_type: str, config: EnvPoolConfig) -> tuple:
 
 
 class _Session:
-    def __init__(self, pool: EnvPool, key: tuple) -> None:
-        self.pool = pool
-        self.key = key
+    """An eval session: its envs by (task, configuration) key, and the one the last Reset chose."""
+
+    def __init__(self) -> None:
+        self.pools: dict[tuple, EnvPool] = {}  # least recently used first
+        self.key: tuple | None = None
         self.lock = threading.Lock()
         self.last_used = time.monotonic()
+
+    @property
+    def pool(self) -> EnvPool:
+        assert self.key is not None
+        return self.pools[self.key]
+
+    def use(self, key: tuple, pool: EnvPool | None = None) -> None:
+        """Make `key`'s env current (adding `pool` for it), closing the least recently used
+        beyond MAX_ENVS_PER_SESSION."""
+        pool = pool if pool is not None else self.pools.pop(key)
+        self.pools[key] = pool
+        self.key = key
+        while len(self.pools) > MAX_ENVS_PER_SESSION:
+            self.pools.pop(next(iter(self.pools))).close()
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+        self.pools.clear()
 
 
 class EnvServicer(env_pb2_grpc.EnvServiceServicer):
@@ -283,7 +309,7 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
         if self._thread is not None:
             self._thread.join(timeout=timeout_s)
         for session in list(self._sessions.values()):
-            session.pool.close()
+            session.close()
         self._sessions.clear()
 
     # -- evaluation sessions ------------------------------------------------------------------
@@ -291,7 +317,7 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
         now = time.monotonic()
         for sid, session in list(self._sessions.items()):
             if now - session.last_used > SESSION_IDLE_S:
-                self._sessions.pop(sid).pool.close()
+                self._sessions.pop(sid).close()
 
     @map_errors
     def Reset(self, request, context):
@@ -300,36 +326,40 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
         with self._lock:
             self._expire_sessions()
             session = self._sessions.get(request.session_id) if request.session_id else None
-            if session is not None and session.key != key:
-                # Another task or env configuration: this env cannot serve it.
-                self._sessions.pop(request.session_id).pool.close()
-                session = None
             if session is None and len(self._sessions) >= MAX_SESSIONS:
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_SESSIONS} eval sessions"
                 )
-        if session is None:
-            try:
-                pool = EnvPool(config)
-            except RuntimeError as err:
-                if config.sim_backend != "gpu":
-                    raise
-                context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"sim_backend 'gpu': this env server cannot run ManiSkill's GPU physics: {err}",
-                )
-            session = _Session(pool, key)
-            sid = uuid.uuid4().hex
-            with self._lock:
-                self._sessions[sid] = session
+        new = session is None
+        if new:
+            session, sid = _Session(), uuid.uuid4().hex
         else:
             sid = request.session_id
         with session.lock:
+            if key in session.pools:
+                session.use(key)
+            else:  # a failed build leaves the session's other envs as they were
+                session.use(key, self._build_pool(config, context))
             session.last_used = time.monotonic()
             obs = session.pool.reset([int(request.seed)])
+        if new:
+            with self._lock:
+                self._sessions[sid] = session
         return env_pb2.ResetReply(
             session_id=sid, image=to_tensor(obs.images[0]), instruction=obs.instructions[0]
         )
+
+    @staticmethod
+    def _build_pool(config: EnvPoolConfig, context) -> EnvPool:
+        try:
+            return EnvPool(config)
+        except RuntimeError as err:
+            if config.sim_backend != "gpu":
+                raise
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"sim_backend 'gpu': this env server cannot run ManiSkill's GPU physics: {err}",
+            )
 
     @map_errors
     def CloseSession(self, request, context):
@@ -337,7 +367,7 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
             session = self._sessions.pop(request.session_id, None)
         if session is not None:
             with session.lock:  # after a Step in flight
-                session.pool.close()
+                session.close()
         return env_pb2.CloseSessionReply(closed=session is not None)
 
     @map_errors

@@ -102,7 +102,7 @@ def token_accuracy(
                 policy.pixel_values(images), prompts_of(steps.instructions[sl]), tokens
             )
             predicted = logits.argmax(-1) + policy.config.action_vocab_start
-            hits += int((predicted.cpu() == tokens).sum())
+            hits += int((predicted == tokens).sum())
             total += tokens.numel()
     return hits / max(total, 1)
 
