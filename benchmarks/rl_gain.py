@@ -201,7 +201,7 @@ def phase_rl(args: argparse.Namespace) -> None:
     cmd = ["train", *model_overrides(args, args.base), *env_overrides(args), *algo,
            f"runner.logger.log_path={runs}", f"runner.logger.experiment_name={name}",
            f"runner.max_epochs={args.iterations}", f"runner.val_check_interval={args.eval_every}",
-           f"runner.save_interval={args.eval_every}", f"runner.seed={args.seed}",
+           f"runner.save_interval={args.save_every}", f"runner.seed={args.seed}",
            f"algorithm.update_epoch={args.update_epochs}",
            f"actor.optim.lr={args.lr}", f"actor.global_batch_size={decisions // args.mini_batches}",
            f"actor.micro_batch_size={min(args.micro_batch, decisions // args.mini_batches)}",
@@ -273,8 +273,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--algorithm", choices=["ppo", "grpo"], default="ppo")
     p.add_argument("--base", default=None, help="the base checkpoint (phase base's out/base)")
     p.add_argument("--minutes", type=float, default=7.0)
-    p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--iterations", type=int, default=40)
     p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=5, help="checkpoints (a stop keeps the last)")
     p.add_argument("--periodic-eval-episodes", type=int, default=32)
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-4)

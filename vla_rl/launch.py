@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -563,9 +564,15 @@ def _start_collection(servers: list[Child], requests: list[dict]) -> None:
     from vla_rl.rpc.client import DEFAULT_DEADLINE_S, make_channel
     from vla_rl.rpc.gen.v1 import env_pb2, env_pb2_grpc
 
-    for child, fields in zip(servers, requests, strict=True):
+    def start(child: Child, fields: dict) -> None:
         with make_channel(child.target) as channel:
             env_pb2_grpc.EnvServiceStub(channel).StartCollection(
                 env_pb2.StartCollectionRequest(**fields),
                 timeout=DEFAULT_DEADLINE_S["collection"],
             )
+
+    # All at once: each server checks the tasks' controllers in a subprocess and builds its envs
+    # before it answers (seconds each); one after another, 16 servers took 4 minutes on an H200.
+    with ThreadPoolExecutor(max(1, len(servers))) as pool:
+        for done in [pool.submit(start, c, f) for c, f in zip(servers, requests, strict=True)]:
+            done.result()  # the first failure, as before
