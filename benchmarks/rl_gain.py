@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # vla_rl, where the package is not installed (a lent GPU machine)
 SPLITS = "train,vision,semantic,execution"
 # What reaches stdout (everything goes to the phase's log files): progress and results.
 SHOW = re.compile(
