@@ -88,6 +88,19 @@ class DynamicBatcher:
         batch, size = [first], len(first.instructions)
         if first.seed is not None:
             return batch
+        # Requests held back earlier (other sampling settings) join first. Without this, greedy
+        # evaluation requests arriving beside sampled training ones left every held training
+        # request to run alone, one engine call each: on an H200, collection took 47-54 s instead
+        # of 6 s while an evaluation ran.
+        kept: list[_Request] = []
+        for req in self._held:
+            n = len(req.instructions)
+            if req.key == first.key and req.seed is None and size + n <= self.max_batch_size:
+                batch.append(req)
+                size += n
+            else:
+                kept.append(req)
+        self._held = kept
         deadline = time.monotonic() + self.max_wait_s
         skipped: list[_Request] = []
         while size < self.max_batch_size:
