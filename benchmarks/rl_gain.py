@@ -105,7 +105,7 @@ def env_overrides(args: argparse.Namespace) -> list[str]:
         f"cluster.component_placement={{actor: {placement}, rollout: {placement}, env: {placement}}}",
         f"env.train.task_ids=[{args.task}]",
         f"env.eval.task_ids=[{args.task}]",
-        f"env.train.total_num_envs={args.envs}",
+        f"env.train.total_num_envs={args.envs * args.envs_per_server}",
         f"env.train.num_servers={args.envs}",
         f"env.train.max_episode_steps={steps}",
         f"env.train.max_steps_per_rollout_epoch={steps}",
@@ -198,7 +198,12 @@ def phase_rl(args: argparse.Namespace) -> None:
          f"algorithm.group_size={args.group_size}", "algorithm.normalize_advantages=false"]
         if grpo else ["algorithm.adv_type=gae", "algorithm.loss_type=actor_critic"]
     )  # fmt: skip
-    decisions = args.envs * args.episode_steps // (args.chunk if args.model == "openvlaoft" else 1)
+    decisions = (
+        args.envs
+        * args.envs_per_server
+        * args.episode_steps
+        // (args.chunk if args.model == "openvlaoft" else 1)
+    )
     cmd = ["train", *model_overrides(args, args.base), *env_overrides(args), *algo,
            f"runner.logger.log_path={runs}", f"runner.logger.experiment_name={name}",
            f"runner.max_epochs={args.iterations}", f"runner.val_check_interval={args.eval_every}",
@@ -217,7 +222,9 @@ def phase_rl(args: argparse.Namespace) -> None:
         raise SystemExit(f"no checkpoint under {run_dir}/checkpoints")
     from vla_rl.report import plot_learning_curve
 
-    curve = plot_learning_curve(run_dir, args.envs * args.episode_steps, title=name)
+    curve = plot_learning_curve(
+        run_dir, args.envs * args.envs_per_server * args.episode_steps, title=name
+    )
     shutil.copy(curve, out / f"{name}_learning_curve.png")
     table = eval_table(args, args.base, out / f"{name}_table", str(steps[-1]))
     periodic = {
@@ -260,7 +267,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--episode-steps", type=int, default=50)
-    p.add_argument("--envs", type=int, default=16, help="env servers (one env each)")
+    p.add_argument("--envs", type=int, default=16, help="env servers")
+    p.add_argument("--envs-per-server", type=int, default=1,
+                   help="training envs per server (more than 1: subprocesses)")  # fmt: skip
     p.add_argument("--splits", default=SPLITS)
     p.add_argument("--eval-episodes", type=int, default=200, help="per split (+-7 points)")
     # base
