@@ -114,6 +114,7 @@ def env_overrides(args: argparse.Namespace) -> list[str]:
         f"env.eval.max_episode_steps={steps}",
         f"env.eval.max_steps_per_rollout_epoch={steps}",
         "rollout.sampling_params.temperature_eval=0",  # greedy, as the tables are
+        f"env.train.ignore_terminations={str(args.ignore_terminations).lower()}",
     ]
 
 
@@ -271,6 +272,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--envs-per-server", type=int, default=1,
                    help="training envs per server (more than 1: subprocesses)")  # fmt: skip
     p.add_argument("--splits", default=SPLITS)
+    p.add_argument("--ignore-terminations", action="store_true",
+                   help="training episodes run to their time limit (success does not end them)")  # fmt: skip
     p.add_argument("--eval-episodes", type=int, default=200, help="per split (+-7 points)")
     # base
     p.add_argument("--demos", type=int, default=100)

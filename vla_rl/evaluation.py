@@ -80,6 +80,7 @@ def evaluate(
     max_episode_steps: int | None = None,
     sim_backend: str = "cpu",
     first_episode: int = 0,
+    ignore_terminations: bool = False,
 ) -> EvalResult:
     """Run episodes first_episode .. first_episode + episodes - 1 (episode ep plays task
     task_ids[ep % len(task_ids)] from seed seed + ep) to success, termination, the env's time
@@ -93,7 +94,9 @@ def evaluate(
     actions, PolicyInfo.action_dim, or Reset fails with INVALID_ARGUMENT); task_modules are
     imported by the env server to register tasks; max_episode_steps None keeps the task's own
     time limit, else the server truncates the episode at that step; sim_backend "gpu" is
-    FAILED_PRECONDITION on an env server that cannot run GPU physics.
+    FAILED_PRECONDITION on an env server that cannot run GPU physics; ignore_terminations plays
+    each episode to its time limit or max_steps (success_once is the same; episode_len, return
+    and videos are longer).
     """
     if first_episode < 0:
         raise ValueError(f"first_episode must be >= 0, got {first_episode}")
@@ -120,6 +123,7 @@ def evaluate(
                     max_episode_steps=max_episode_steps or 0,
                     sim_backend=sim_backend,
                     action_dim=action_dim,
+                    ignore_terminations=ignore_terminations,
                 ),
                 timeout=DEFAULT_DEADLINE_S["reset"],
             )

@@ -251,6 +251,7 @@ def collection_request(
         env_type=train.env_type,
         video_dir=train.video_cfg.video_base_dir if train.video_cfg.save_video else "",
         info_on_video=train.video_cfg.info_on_video,
+        ignore_terminations=train.ignore_terminations,
     )
 
 
@@ -276,6 +277,7 @@ def evaluation_args(cfg: TrainConfig, force: bool = False) -> dict | None:
         reward_mode=ev.reward_mode,
         task_modules=list(ev.task_modules),
         sim_backend=ev.sim_backend,
+        ignore_terminations=ev.ignore_terminations,
     )
 
 

@@ -82,6 +82,7 @@ def collection_config(req: env_pb2.StartCollectionRequest, server_id: str) -> Co
         reward_mode=req.reward_mode or DEFAULT_REWARD_MODE,
         seed=req.seed,
         task_modules=list(req.task_modules),
+        ignore_terminations=req.ignore_terminations,
     )
     return CollectionConfig(
         run_id=req.run_id or "run",
@@ -137,6 +138,7 @@ def reset_pool_config(req: env_pb2.ResetRequest) -> EnvPoolConfig:
         seed=req.seed,
         task_modules=list(req.task_modules),
         action_dim=req.action_dim or POLICY_ACTION_DIM,
+        ignore_terminations=req.ignore_terminations,
     )
 
 
@@ -153,6 +155,7 @@ def _session_key(env_type: str, config: EnvPoolConfig) -> tuple:
         config.sim_backend,
         tuple(config.task_modules),
         config.action_dim,
+        config.ignore_terminations,
     )
 
 

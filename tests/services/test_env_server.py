@@ -557,3 +557,32 @@ def test_training_video_of_the_first_env(env_server, tmp_path, redis_url):
         capture.release()
         assert len(frames) == 3 + 1  # T = 3 observations and the bootstrap one
         assert frames[0].shape == (224, 224, 3)
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+def test_eval_session_ignore_terminations(env_server, ignore):
+    """Success ends a session's episode unless ignore_terminations (RLinf's key): then it runs
+    to the time limit and every Step still reports the success."""
+    stub, _ = env_server
+    kw = dict(task_id="TestAlwaysSuccess-v1", task_modules=[TASK_MODULE], image_size=32)
+    reply = _reset(stub, max_episode_steps=3, ignore_terminations=ignore, **kw)
+    first = _step_zeros(stub, reply.session_id)
+    assert first.success and first.terminated == (not ignore) and not first.truncated
+    if ignore:
+        second = _step_zeros(stub, reply.session_id)
+        assert second.success and not second.terminated and not second.truncated
+        assert _step_zeros(stub, reply.session_id).truncated
+    assert _close(stub, reply.session_id).closed
+
+
+def test_collection_request_carries_ignore_terminations():
+    from services.env_server.servicer import collection_config
+
+    def request(**kw):
+        return env_pb2.StartCollectionRequest(
+            task_ids=["PickCube-v1"], num_envs=1, max_episode_steps=4,
+            rollout_target="127.0.0.1:1", buffer_url="memory://", **kw,
+        )  # fmt: skip
+
+    assert not collection_config(request(), "env0").pool.ignore_terminations
+    assert collection_config(request(ignore_terminations=True), "env0").pool.ignore_terminations

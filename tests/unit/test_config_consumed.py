@@ -63,6 +63,7 @@ PROBES: dict[str, tuple[list[str], object]] = {
     "env.eval.task_modules": (EVAL, ["my_tasks"]),
     "env.eval.total_num_envs": (EVAL, 4),
     "env.eval.num_servers": (EVAL + ["env.train.num_servers=2"], 2),
+    "env.eval.ignore_terminations": (EVAL, True),
     "env.eval.max_episode_steps": (EVAL, 16),
     "env.eval.max_steps_per_rollout_epoch": (EVAL, 4),
     "env.eval.sim_backend": (EVAL + ENV_GPU, "gpu"),

@@ -291,6 +291,10 @@ class EnvSectionConfig:
     """Reset an env as soon as its episode ends and keep collecting within the iteration. Only
     true is supported (RLinf's key, kept so its configs load): GRPO scores each env's first
     episode from the shared start and masks what follows."""
+    ignore_terminations: bool = False
+    """Run every episode to max_episode_steps: success does not end it (success_once still
+    records it). RLinf's ManiSkill key. With a dense per-step reward and episodes that end on
+    success, hovering near the goal pays more than finishing; this removes that incentive."""
     sim_backend: str = "cpu"
     """ManiSkill physics: 'cpu' (one process per env batch) or 'gpu' (needs an env GPU)."""
     control_mode: str | None = "pd_ee_delta_pose"

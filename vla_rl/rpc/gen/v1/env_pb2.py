@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from vla_rl.rpc.gen.v1 import common_pb2 as vla__rl_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13vla_rl/v1/env.proto\x12\tvla_rl.v1\x1a\x16vla_rl/v1/common.proto\"\x90\x04\n\x16StartCollectionRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08task_ids\x18\x02 \x03(\t\x12\x10\n\x08num_envs\x18\x03 \x01(\x05\x12\x13\n\x0bsim_backend\x18\x04 \x01(\t\x12\x1a\n\x12pipeline_stage_num\x18\x05 \x01(\x05\x12\x12\n\ngroup_size\x18\x06 \x01(\x05\x12\x19\n\x11max_episode_steps\x18\x07 \x01(\x05\x12\x16\n\x0erollout_target\x18\x08 \x01(\t\x12\x12\n\nbuffer_url\x18\t \x01(\t\x12\x0e\n\x06stream\x18\n \x01(\t\x12\x0c\n\x04seed\x18\x0b \x01(\x03\x12\x15\n\rmax_staleness\x18\x0c \x01(\x05\x12\x15\n\rstart_version\x18\r \x01(\x03\x12\x12\n\niterations\x18\x0e \x01(\x05\x12\x13\n\x0btemperature\x18\x0f \x01(\x02\x12\x13\n\x0breward_mode\x18\x10 \x01(\t\x12\x14\n\x0c\x63ontrol_mode\x18\x11 \x01(\t\x12\x14\n\x0ctask_modules\x18\x12 \x03(\t\x12\x19\n\x11steps_per_segment\x18\x13 \x01(\x05\x12\x15\n\rbuffer_maxlen\x18\x14 \x01(\x03\x12\x12\n\nimage_size\x18\x15 \x01(\x05\x12\x10\n\x08\x65nv_type\x18\x16 \x01(\t\x12\x11\n\tvideo_dir\x18\x17 \x01(\t\x12\x15\n\rinfo_on_video\x18\x18 \x01(\x08\"\'\n\x15StopCollectionRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x12\n\x10GetStatusRequest\"\x97\x01\n\x10\x43ollectionStatus\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x18\n\x10segments_written\x18\x03 \x01(\x03\x12\x11\n\tenv_steps\x18\x04 \x01(\x03\x12\x10\n\x08\x65pisodes\x18\x05 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x03\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\x82\x02\n\x0cResetRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x10\n\x08\x65nv_type\x18\x04 \x01(\t\x12\x12\n\nimage_size\x18\x05 \x01(\x05\x12\x19\n\x0c\x63ontrol_mode\x18\x06 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x0breward_mode\x18\x07 \x01(\t\x12\x14\n\x0ctask_modules\x18\x08 \x03(\t\x12\x19\n\x11max_episode_steps\x18\t \x01(\x05\x12\x13\n\x0bsim_backend\x18\n \x01(\t\x12\x12\n\naction_dim\x18\x0b \x01(\x05\x42\x0f\n\r_control_mode\"W\n\nResetReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12 \n\x05image\x18\x02 \x01(\x0b\x32\x11.vla_rl.v1.Tensor\x12\x13\n\x0binstruction\x18\x03 \x01(\t\"D\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x06\x61\x63tion\x18\x02 \x01(\x0b\x32\x11.vla_rl.v1.Tensor\"\x8a\x01\n\tStepReply\x12 \n\x05image\x18\x01 \x01(\x0b\x32\x11.vla_rl.v1.Tensor\x12\x13\n\x0binstruction\x18\x02 \x01(\t\x12\x0e\n\x06reward\x18\x03 \x01(\x02\x12\x12\n\nterminated\x18\x04 \x01(\x08\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12\x0f\n\x07success\x18\x06 \x01(\x08\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"#\n\x11\x43loseSessionReply\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\x32\xb4\x03\n\nEnvService\x12Q\n\x0fStartCollection\x12!.vla_rl.v1.StartCollectionRequest\x1a\x1b.vla_rl.v1.CollectionStatus\x12O\n\x0eStopCollection\x12 .vla_rl.v1.StopCollectionRequest\x1a\x1b.vla_rl.v1.CollectionStatus\x12\x45\n\tGetStatus\x12\x1b.vla_rl.v1.GetStatusRequest\x1a\x1b.vla_rl.v1.CollectionStatus\x12\x37\n\x05Reset\x12\x17.vla_rl.v1.ResetRequest\x1a\x15.vla_rl.v1.ResetReply\x12\x34\n\x04Step\x12\x16.vla_rl.v1.StepRequest\x1a\x14.vla_rl.v1.StepReply\x12L\n\x0c\x43loseSession\x12\x1e.vla_rl.v1.CloseSessionRequest\x1a\x1c.vla_rl.v1.CloseSessionReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13vla_rl/v1/env.proto\x12\tvla_rl.v1\x1a\x16vla_rl/v1/common.proto\"\xad\x04\n\x16StartCollectionRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08task_ids\x18\x02 \x03(\t\x12\x10\n\x08num_envs\x18\x03 \x01(\x05\x12\x13\n\x0bsim_backend\x18\x04 \x01(\t\x12\x1a\n\x12pipeline_stage_num\x18\x05 \x01(\x05\x12\x12\n\ngroup_size\x18\x06 \x01(\x05\x12\x19\n\x11max_episode_steps\x18\x07 \x01(\x05\x12\x16\n\x0erollout_target\x18\x08 \x01(\t\x12\x12\n\nbuffer_url\x18\t \x01(\t\x12\x0e\n\x06stream\x18\n \x01(\t\x12\x0c\n\x04seed\x18\x0b \x01(\x03\x12\x15\n\rmax_staleness\x18\x0c \x01(\x05\x12\x15\n\rstart_version\x18\r \x01(\x03\x12\x12\n\niterations\x18\x0e \x01(\x05\x12\x13\n\x0btemperature\x18\x0f \x01(\x02\x12\x13\n\x0breward_mode\x18\x10 \x01(\t\x12\x14\n\x0c\x63ontrol_mode\x18\x11 \x01(\t\x12\x14\n\x0ctask_modules\x18\x12 \x03(\t\x12\x19\n\x11steps_per_segment\x18\x13 \x01(\x05\x12\x15\n\rbuffer_maxlen\x18\x14 \x01(\x03\x12\x12\n\nimage_size\x18\x15 \x01(\x05\x12\x10\n\x08\x65nv_type\x18\x16 \x01(\t\x12\x11\n\tvideo_dir\x18\x17 \x01(\t\x12\x15\n\rinfo_on_video\x18\x18 \x01(\x08\x12\x1b\n\x13ignore_terminations\x18\x19 \x01(\x08\"\'\n\x15StopCollectionRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x12\n\x10GetStatusRequest\"\x97\x01\n\x10\x43ollectionStatus\x12\r\n\x05state\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x18\n\x10segments_written\x18\x03 \x01(\x03\x12\x11\n\tenv_steps\x18\x04 \x01(\x03\x12\x10\n\x08\x65pisodes\x18\x05 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x03\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\x9f\x02\n\x0cResetRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x10\n\x08\x65nv_type\x18\x04 \x01(\t\x12\x12\n\nimage_size\x18\x05 \x01(\x05\x12\x19\n\x0c\x63ontrol_mode\x18\x06 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x0breward_mode\x18\x07 \x01(\t\x12\x14\n\x0ctask_modules\x18\x08 \x03(\t\x12\x19\n\x11max_episode_steps\x18\t \x01(\x05\x12\x13\n\x0bsim_backend\x18\n \x01(\t\x12\x12\n\naction_dim\x18\x0b \x01(\x05\x12\x1b\n\x13ignore_terminations\x18\x0c \x01(\x08\x42\x0f\n\r_control_mode\"W\n\nResetReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12 \n\x05image\x18\x02 \x01(\x0b\x32\x11.vla_rl.v1.Tensor\x12\x13\n\x0binstruction\x18\x03 \x01(\t\"D\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x06\x61\x63tion\x18\x02 \x01(\x0b\x32\x11.vla_rl.v1.Tensor\"\x8a\x01\n\tStepReply\x12 \n\x05image\x18\x01 \x01(\x0b\x32\x11.vla_rl.v1.Tensor\x12\x13\n\x0binstruction\x18\x02 \x01(\t\x12\x0e\n\x06reward\x18\x03 \x01(\x02\x12\x12\n\nterminated\x18\x04 \x01(\x08\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12\x0f\n\x07success\x18\x06 \x01(\x08\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"#\n\x11\x43loseSessionReply\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\x32\xb4\x03\n\nEnvService\x12Q\n\x0fStartCollection\x12!.vla_rl.v1.StartCollectionRequest\x1a\x1b.vla_rl.v1.CollectionStatus\x12O\n\x0eStopCollection\x12 .vla_rl.v1.StopCollectionRequest\x1a\x1b.vla_rl.v1.CollectionStatus\x12\x45\n\tGetStatus\x12\x1b.vla_rl.v1.GetStatusRequest\x1a\x1b.vla_rl.v1.CollectionStatus\x12\x37\n\x05Reset\x12\x17.vla_rl.v1.ResetRequest\x1a\x15.vla_rl.v1.ResetReply\x12\x34\n\x04Step\x12\x16.vla_rl.v1.StepRequest\x1a\x14.vla_rl.v1.StepReply\x12L\n\x0c\x43loseSession\x12\x1e.vla_rl.v1.CloseSessionRequest\x1a\x1c.vla_rl.v1.CloseSessionReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,25 +33,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vla_rl.rpc.gen.v1.env_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STARTCOLLECTIONREQUEST']._serialized_start=59
-  _globals['_STARTCOLLECTIONREQUEST']._serialized_end=587
-  _globals['_STOPCOLLECTIONREQUEST']._serialized_start=589
-  _globals['_STOPCOLLECTIONREQUEST']._serialized_end=628
-  _globals['_GETSTATUSREQUEST']._serialized_start=630
-  _globals['_GETSTATUSREQUEST']._serialized_end=648
-  _globals['_COLLECTIONSTATUS']._serialized_start=651
-  _globals['_COLLECTIONSTATUS']._serialized_end=802
-  _globals['_RESETREQUEST']._serialized_start=805
-  _globals['_RESETREQUEST']._serialized_end=1063
-  _globals['_RESETREPLY']._serialized_start=1065
-  _globals['_RESETREPLY']._serialized_end=1152
-  _globals['_STEPREQUEST']._serialized_start=1154
-  _globals['_STEPREQUEST']._serialized_end=1222
-  _globals['_STEPREPLY']._serialized_start=1225
-  _globals['_STEPREPLY']._serialized_end=1363
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1365
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1406
-  _globals['_CLOSESESSIONREPLY']._serialized_start=1408
-  _globals['_CLOSESESSIONREPLY']._serialized_end=1443
-  _globals['_ENVSERVICE']._serialized_start=1446
-  _globals['_ENVSERVICE']._serialized_end=1882
+  _globals['_STARTCOLLECTIONREQUEST']._serialized_end=616
+  _globals['_STOPCOLLECTIONREQUEST']._serialized_start=618
+  _globals['_STOPCOLLECTIONREQUEST']._serialized_end=657
+  _globals['_GETSTATUSREQUEST']._serialized_start=659
+  _globals['_GETSTATUSREQUEST']._serialized_end=677
+  _globals['_COLLECTIONSTATUS']._serialized_start=680
+  _globals['_COLLECTIONSTATUS']._serialized_end=831
+  _globals['_RESETREQUEST']._serialized_start=834
+  _globals['_RESETREQUEST']._serialized_end=1121
+  _globals['_RESETREPLY']._serialized_start=1123
+  _globals['_RESETREPLY']._serialized_end=1210
+  _globals['_STEPREQUEST']._serialized_start=1212
+  _globals['_STEPREQUEST']._serialized_end=1280
+  _globals['_STEPREPLY']._serialized_start=1283
+  _globals['_STEPREPLY']._serialized_end=1421
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1423
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1464
+  _globals['_CLOSESESSIONREPLY']._serialized_start=1466
+  _globals['_CLOSESESSIONREPLY']._serialized_end=1501
+  _globals['_ENVSERVICE']._serialized_start=1504
+  _globals['_ENVSERVICE']._serialized_end=1940
 # @@protoc_insertion_point(module_scope)

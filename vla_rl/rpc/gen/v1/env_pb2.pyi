@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StartCollectionRequest(_message.Message):
-    __slots__ = ("run_id", "task_ids", "num_envs", "sim_backend", "pipeline_stage_num", "group_size", "max_episode_steps", "rollout_target", "buffer_url", "stream", "seed", "max_staleness", "start_version", "iterations", "temperature", "reward_mode", "control_mode", "task_modules", "steps_per_segment", "buffer_maxlen", "image_size", "env_type", "video_dir", "info_on_video")
+    __slots__ = ("run_id", "task_ids", "num_envs", "sim_backend", "pipeline_stage_num", "group_size", "max_episode_steps", "rollout_target", "buffer_url", "stream", "seed", "max_staleness", "start_version", "iterations", "temperature", "reward_mode", "control_mode", "task_modules", "steps_per_segment", "buffer_maxlen", "image_size", "env_type", "video_dir", "info_on_video", "ignore_terminations")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_ENVS_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class StartCollectionRequest(_message.Message):
     ENV_TYPE_FIELD_NUMBER: _ClassVar[int]
     VIDEO_DIR_FIELD_NUMBER: _ClassVar[int]
     INFO_ON_VIDEO_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_TERMINATIONS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     task_ids: _containers.RepeatedScalarFieldContainer[str]
     num_envs: int
@@ -57,7 +58,8 @@ class StartCollectionRequest(_message.Message):
     env_type: str
     video_dir: str
     info_on_video: bool
-    def __init__(self, run_id: _Optional[str] = ..., task_ids: _Optional[_Iterable[str]] = ..., num_envs: _Optional[int] = ..., sim_backend: _Optional[str] = ..., pipeline_stage_num: _Optional[int] = ..., group_size: _Optional[int] = ..., max_episode_steps: _Optional[int] = ..., rollout_target: _Optional[str] = ..., buffer_url: _Optional[str] = ..., stream: _Optional[str] = ..., seed: _Optional[int] = ..., max_staleness: _Optional[int] = ..., start_version: _Optional[int] = ..., iterations: _Optional[int] = ..., temperature: _Optional[float] = ..., reward_mode: _Optional[str] = ..., control_mode: _Optional[str] = ..., task_modules: _Optional[_Iterable[str]] = ..., steps_per_segment: _Optional[int] = ..., buffer_maxlen: _Optional[int] = ..., image_size: _Optional[int] = ..., env_type: _Optional[str] = ..., video_dir: _Optional[str] = ..., info_on_video: _Optional[bool] = ...) -> None: ...
+    ignore_terminations: bool
+    def __init__(self, run_id: _Optional[str] = ..., task_ids: _Optional[_Iterable[str]] = ..., num_envs: _Optional[int] = ..., sim_backend: _Optional[str] = ..., pipeline_stage_num: _Optional[int] = ..., group_size: _Optional[int] = ..., max_episode_steps: _Optional[int] = ..., rollout_target: _Optional[str] = ..., buffer_url: _Optional[str] = ..., stream: _Optional[str] = ..., seed: _Optional[int] = ..., max_staleness: _Optional[int] = ..., start_version: _Optional[int] = ..., iterations: _Optional[int] = ..., temperature: _Optional[float] = ..., reward_mode: _Optional[str] = ..., control_mode: _Optional[str] = ..., task_modules: _Optional[_Iterable[str]] = ..., steps_per_segment: _Optional[int] = ..., buffer_maxlen: _Optional[int] = ..., image_size: _Optional[int] = ..., env_type: _Optional[str] = ..., video_dir: _Optional[str] = ..., info_on_video: _Optional[bool] = ..., ignore_terminations: _Optional[bool] = ...) -> None: ...
 
 class StopCollectionRequest(_message.Message):
     __slots__ = ("run_id",)
@@ -88,7 +90,7 @@ class CollectionStatus(_message.Message):
     def __init__(self, state: _Optional[str] = ..., run_id: _Optional[str] = ..., segments_written: _Optional[int] = ..., env_steps: _Optional[int] = ..., episodes: _Optional[int] = ..., policy_version: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ResetRequest(_message.Message):
-    __slots__ = ("task_id", "seed", "session_id", "env_type", "image_size", "control_mode", "reward_mode", "task_modules", "max_episode_steps", "sim_backend", "action_dim")
+    __slots__ = ("task_id", "seed", "session_id", "env_type", "image_size", "control_mode", "reward_mode", "task_modules", "max_episode_steps", "sim_backend", "action_dim", "ignore_terminations")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +102,7 @@ class ResetRequest(_message.Message):
     MAX_EPISODE_STEPS_FIELD_NUMBER: _ClassVar[int]
     SIM_BACKEND_FIELD_NUMBER: _ClassVar[int]
     ACTION_DIM_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_TERMINATIONS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     seed: int
     session_id: str
@@ -111,7 +114,8 @@ class ResetRequest(_message.Message):
     max_episode_steps: int
     sim_backend: str
     action_dim: int
-    def __init__(self, task_id: _Optional[str] = ..., seed: _Optional[int] = ..., session_id: _Optional[str] = ..., env_type: _Optional[str] = ..., image_size: _Optional[int] = ..., control_mode: _Optional[str] = ..., reward_mode: _Optional[str] = ..., task_modules: _Optional[_Iterable[str]] = ..., max_episode_steps: _Optional[int] = ..., sim_backend: _Optional[str] = ..., action_dim: _Optional[int] = ...) -> None: ...
+    ignore_terminations: bool
+    def __init__(self, task_id: _Optional[str] = ..., seed: _Optional[int] = ..., session_id: _Optional[str] = ..., env_type: _Optional[str] = ..., image_size: _Optional[int] = ..., control_mode: _Optional[str] = ..., reward_mode: _Optional[str] = ..., task_modules: _Optional[_Iterable[str]] = ..., max_episode_steps: _Optional[int] = ..., sim_backend: _Optional[str] = ..., action_dim: _Optional[int] = ..., ignore_terminations: _Optional[bool] = ...) -> None: ...
 
 class ResetReply(_message.Message):
     __slots__ = ("session_id", "image", "instruction")
