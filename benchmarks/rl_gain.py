@@ -240,12 +240,9 @@ def phase_rl(args: argparse.Namespace) -> None:
     print(f"[rl_gain] wrote {out / f'rl_gain_{name}.json'}", flush=True)
 
 
-def _eval_rate(report: dict) -> float | None:
-    for key in ("success_rate", "eval/success_once"):
-        if key in report:
-            return report[key]
-    found = re.findall(r'"success_rate": ([0-9.]+)', json.dumps(report))
-    return float(found[0]) if found else None
+def _eval_rate(episodes: list[dict]) -> float | None:
+    """Success rate of one periodic evaluation (eval/step_N.json holds its episodes)."""
+    return sum(bool(e["success_once"]) for e in episodes) / len(episodes) if episodes else None
 
 
 def machine() -> dict:
