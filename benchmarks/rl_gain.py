@@ -118,17 +118,18 @@ def env_overrides(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def eval_table(args: argparse.Namespace, base: str, out: Path, adapter: str | None) -> dict:
-    """`vla-rl eval` on every split; returns eval_table.json."""
-    cmd = [
-        "eval",
-        "--splits",
-        args.splits,
-        "--episodes",
-        str(args.eval_episodes),
-        "--out",
-        str(out),
-    ]
+def eval_table(
+    args: argparse.Namespace,
+    base: str,
+    out: Path,
+    adapter: str | None,
+    splits: str | None = None,
+    episodes: int | None = None,
+) -> dict:
+    """`vla-rl eval` on `splits` (default --splits), `episodes` per split (default
+    --eval-episodes); returns eval_table.json."""
+    splits, episodes = splits or args.splits, episodes or args.eval_episodes
+    cmd = ["eval", "--splits", splits, "--episodes", str(episodes), "--out", str(out)]
     if adapter:
         cmd += ["--adapter", adapter]
     cmd += model_overrides(args, base) + env_overrides(args)
@@ -166,10 +167,9 @@ def phase_base(args: argparse.Namespace) -> None:
         if vla_rl(*cmd, log=work / f"bc_{steps}.log") != 0:
             raise SystemExit("bc failed")
         previous, done = ckpt, steps
-        saved = args.splits, args.eval_episodes
-        args.splits, args.eval_episodes = "train", args.select_episodes
-        table = eval_table(args, str(ckpt), work / f"select_{steps}", None)
-        args.splits, args.eval_episodes = saved
+        table = eval_table(
+            args, str(ckpt), work / f"select_{steps}", None, "train", args.select_episodes
+        )
         candidates.append(
             {"bc_steps": steps, "checkpoint": str(ckpt), "train": train_success(table)}
         )

@@ -143,7 +143,8 @@ def reset_pool_config(req: env_pb2.ResetRequest) -> EnvPoolConfig:
 
 
 def _session_key(env_type: str, config: EnvPoolConfig) -> tuple:
-    """What a session's env is built from: a Reset asking for another one gets a new session."""
+    """What a session's env is built from: a Reset asking for another one gets (or builds) the
+    session's env of that key."""
     return (
         env_type,
         tuple(config.task_ids),
