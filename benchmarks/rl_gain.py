@@ -115,6 +115,7 @@ def env_overrides(args: argparse.Namespace) -> list[str]:
         f"env.eval.max_steps_per_rollout_epoch={steps}",
         "rollout.sampling_params.temperature_eval=0",  # greedy, as the tables are
         f"env.train.ignore_terminations={str(args.ignore_terminations).lower()}",
+        f"env.train.reward_mode={args.reward_mode}",
     ]
 
 
@@ -192,7 +193,8 @@ def phase_rl(args: argparse.Namespace) -> None:
     name = f"{args.algorithm}_{args.model}"
     runs = Path(args.work) / "runs"
     run_dir = runs / name
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if not args.resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
     grpo = args.algorithm == "grpo"
     algo = (
         ["algorithm.adv_type=grpo", "algorithm.loss_type=actor",
@@ -227,7 +229,11 @@ def phase_rl(args: argparse.Namespace) -> None:
         run_dir, args.envs * args.envs_per_server * args.episode_steps, title=name
     )
     shutil.copy(curve, out / f"{name}_learning_curve.png")
-    table = eval_table(args, args.base, out / f"{name}_table", str(steps[-1]))
+    table = (
+        None
+        if args.no_table
+        else eval_table(args, args.base, out / f"{name}_table", str(steps[-1]))
+    )
     periodic = {
         p.stem: json.loads(p.read_text()) for p in sorted((run_dir / "eval").glob("step_*.json"))
     }
@@ -271,6 +277,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--splits", default=SPLITS)
     p.add_argument("--ignore-terminations", action="store_true",
                    help="training episodes run to their time limit (success does not end them)")  # fmt: skip
+    p.add_argument("--reward-mode", choices=["normalized_dense", "dense", "sparse"],
+                   default="normalized_dense", help="training reward (sparse: success)")  # fmt: skip
     p.add_argument("--eval-episodes", type=int, default=200, help="per split (+-7 points)")
     # base
     p.add_argument("--demos", type=int, default=100)
@@ -286,6 +294,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, default=40)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=5, help="checkpoints (a stop keeps the last)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --work from its latest checkpoint (e.g. a second call)",
+    )
+    p.add_argument("--no-table", action="store_true", help="skip the final evaluation table")
     p.add_argument("--periodic-eval-episodes", type=int, default=32)
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-4)

@@ -47,14 +47,17 @@ def success_summary(episodes: list[dict]) -> dict:
 
 
 def read_scalars(tensorboard_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar of a TensorBoard directory: tag -> [(step, value)] sorted by step."""
+    """Every scalar of a TensorBoard directory: tag -> [(step, value)] sorted by step, one value
+    per step: the latest written (a resumed run logs again the iterations after its checkpoint)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0})
     acc.Reload()
-    return {
-        tag: sorted((e.step, e.value) for e in acc.Scalars(tag)) for tag in acc.Tags()["scalars"]
+    latest = {
+        tag: {e.step: e.value for e in sorted(acc.Scalars(tag), key=lambda e: e.wall_time)}
+        for tag in acc.Tags()["scalars"]
     }
+    return {tag: sorted(by_step.items()) for tag, by_step in latest.items()}
 
 
 def plot_learning_curve(run_dir: Path, env_steps_per_iteration: int, title: str = "") -> Path:

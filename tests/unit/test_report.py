@@ -51,3 +51,24 @@ def test_learning_curve_png(tmp_path):
     # Not a blank canvas: the plot draws lines and markers in colour.
     colours = image.convert("RGB").getcolors(maxcolors=100_000)
     assert len(colours) > 50
+
+
+def test_a_resumed_run_keeps_one_value_per_step(tmp_path):
+    """A run stopped after iteration 3 but checkpointed at 2 logs 3 again when it resumes: the
+    curve keeps the resumed run's value, one point per step (was a vertical jump)."""
+    import time
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from vla_rl.report import read_scalars
+
+    with SummaryWriter(str(tmp_path)) as first:
+        for step, value in ((1, 0.1), (2, 0.2), (3, 0.9)):
+            first.add_scalar("env/success_once", value, step)
+    time.sleep(1.1)  # a new event file name (it carries the time in seconds)
+    with SummaryWriter(str(tmp_path)) as resumed:
+        for step, value in ((3, 0.3), (4, 0.4)):
+            resumed.add_scalar("env/success_once", value, step)
+    points = read_scalars(tmp_path)["env/success_once"]
+    assert [step for step, _ in points] == [1, 2, 3, 4]
+    assert [value for _, value in points] == pytest.approx([0.1, 0.2, 0.3, 0.4])
