@@ -25,6 +25,8 @@ from .engines.base import Engine, EngineOutput
 
 log = logging.getLogger("vla_rl.rollout_server")
 
+MAX_VERSION_RETRIES = 3
+
 
 @dataclass
 class _Request:
@@ -136,25 +138,16 @@ class DynamicBatcher:
             self._execute(batch)
 
     def _execute(self, batch: list[_Request]) -> None:
-        first = batch[0]
         try:
             images = (
                 batch[0].images if len(batch) == 1 else np.concatenate([r.images for r in batch])
             )
             instructions = [t for r in batch for t in r.instructions]
-            out = self.engine.act(
-                images,
-                instructions,
-                temperature=first.temperature,
-                top_k=first.top_k,
-                greedy=first.greedy,
-                seed=first.seed,
-            )
+            out = self._engine_act(images, instructions, batch[0])
         except Exception as e:  # noqa: BLE001 - every caller must hear about the failure
             for req in batch:
                 req.future.set_exception(e)
             return
-        self.batch_sizes.append(len(instructions))
         if len(batch) > self.most_requests_merged:
             self.most_requests_merged = len(batch)
             # Before the results: once a caller has its reply, the line is in the log.
@@ -174,3 +167,37 @@ class DynamicBatcher:
                 )
             )
             start += n
+
+    def _engine_act(
+        self, images: np.ndarray, instructions: list[str], settings: _Request
+    ) -> EngineOutput:
+        """One engine call per `max_batch_size` observations: a single request may hold more (an
+        env server with more envs than the limit; 420 images once ran as one forward pass). The
+        reply carries one policy version, so if an adapter push lands between two slices the
+        request is played again."""
+        step, n = self.max_batch_size, len(instructions)
+        for _ in range(MAX_VERSION_RETRIES):
+            outs = []
+            for start in range(0, n, step):
+                outs.append(
+                    self.engine.act(
+                        images[start : start + step],
+                        instructions[start : start + step],
+                        temperature=settings.temperature,
+                        top_k=settings.top_k,
+                        greedy=settings.greedy,
+                        seed=settings.seed,
+                    )
+                )
+                self.batch_sizes.append(len(instructions[start : start + step]))
+            if len({o.policy_version for o in outs}) == 1:
+                break
+        else:
+            raise RuntimeError("the policy version changed during every try of a large request")
+        if len(outs) == 1:
+            return outs[0]
+        return EngineOutput(
+            np.concatenate([o.action_tokens for o in outs]),
+            np.concatenate([o.logprobs for o in outs]),
+            outs[0].policy_version,
+        )

@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 
 from vla_rl.models import ActionNormalizer, ActionTokenizer
+from vla_rl.models.lora import adapter_metadata
 from vla_rl.rpc.gen.v1 import rollout_pb2, rollout_pb2_grpc
 from vla_rl.rpc.server import map_errors
 from vla_rl.rpc.tensors import from_tensor, to_tensor
@@ -20,6 +21,12 @@ from .engines.base import AdapterError, Engine, EngineOutput, validate_batch
 log = logging.getLogger("vla_rl.rollout_server")
 
 MAX_ADAPTER_BYTES = 2 << 30
+
+
+def _temperature(req: rollout_pb2.ActRequest) -> float:
+    """0 is proto3's "unset": sample at 1.0. Anything else is checked as given (NaN, negative
+    and tiny values are refused by validate_batch)."""
+    return req.temperature if req.temperature != 0 else 1.0
 
 
 class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
@@ -51,8 +58,9 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             copy=True,
         )
         instructions = list(req.instructions)
-        temperature = req.temperature if req.temperature > 0 or req.greedy else 1.0
-        validate_batch(images, instructions, self.image_size, temperature, req.top_k, req.greedy)
+        validate_batch(
+            images, instructions, self.image_size, _temperature(req), req.top_k, req.greedy
+        )
         return images, instructions
 
     def _reply(self, req: rollout_pb2.ActRequest, out: EngineOutput) -> rollout_pb2.ActReply:
@@ -75,7 +83,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         future = self.batcher.submit(
             images,
             instructions,
-            temperature=req.temperature if req.temperature > 0 else 1.0,
+            temperature=_temperature(req),
             top_k=req.top_k,
             greedy=req.greedy,
             seed=req.seed if req.HasField("seed") else None,
@@ -122,6 +130,17 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         blob = b"".join(parts)
         if hashlib.sha256(blob).hexdigest() != digest:
             raise ValueError("adapter sha256 does not match its bytes")
+        # Before the engine loads anything: a blob of another version than the stream announced
+        # is refused with the served version unchanged (it used to be loaded, then refused).
+        try:
+            stamped = int(adapter_metadata(blob)["policy_version"])
+        except (ValueError, TypeError, KeyError) as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"adapter refused: {e}")
+        if stamped != version:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"adapter blob says version {stamped}, the stream said {version}",
+            )
         with self._push_lock:
             try:
                 loaded = self.engine.load_adapter(blob)

@@ -49,3 +49,21 @@ def test_held_requests_respect_the_batch_limit(engine):
     finally:
         batcher.close()
     assert list(batcher.batch_sizes) == [1, 3, 2]
+
+
+def test_a_request_larger_than_the_batch_limit_runs_in_slices(engine):
+    """One request of 10 observations with max_batch_size 4: three engine calls (it was one
+    forward pass of all 10), and the same greedy actions as one call of the whole batch."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (10, 224, 224, 3), dtype=np.uint8)
+    instructions = ["pick up the red cube"] * 10
+    batcher = DynamicBatcher(engine, max_batch_size=4, max_wait_ms=0)
+    try:
+        out = batcher.submit(images, instructions, greedy=True).result(timeout=120)
+    finally:
+        batcher.close()
+    assert list(batcher.batch_sizes) == [4, 4, 2]
+    whole = engine.act(images, instructions, greedy=True)
+    np.testing.assert_array_equal(out.action_tokens, whole.action_tokens)
+    np.testing.assert_allclose(out.logprobs, whole.logprobs, atol=1e-5)
+    assert out.policy_version == whole.policy_version

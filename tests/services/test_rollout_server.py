@@ -123,6 +123,19 @@ def test_bad_act_requests_are_invalid_argument(client, images, instructions, nee
     assert needle in err.value.details()
 
 
+@pytest.mark.parametrize("temperature", [1e-45, 1e-3, 1e9, float("nan")])
+def test_sampling_temperature_out_of_range_is_invalid_argument(client, temperature):
+    req = rollout_pb2.ActRequest(
+        images=to_tensor(_images(1)), instructions=["push the cube"], temperature=temperature
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.Act(req, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "temperature" in err.value.details()
+    # The server still serves.
+    assert client.act(_images(1), ["push the cube"], greedy=True).action_tokens.shape[0] == 1
+
+
 def test_push_adapter_switches_version_and_refuses_bad_ones(client, server):
     _, ckpt = server
     trained = _lora_copy(ckpt)
@@ -143,6 +156,14 @@ def test_push_adapter_switches_version_and_refuses_bad_ones(client, server):
         client.push_adapter(serialize_adapter(other, before + 1), before + 1)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert client.policy().policy_version == before  # still serving the old one
+
+    # A blob stamped with another version than its stream announces is refused before it is
+    # loaded: the server keeps serving the old version (it used to switch, then refuse).
+    with pytest.raises(grpc.RpcError) as err:
+        client.push_adapter(serialize_adapter(trained, before + 5), before + 1)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "says version" in err.value.details()
+    assert client.policy().policy_version == before
 
     reply = client.push_adapter(blob, before + 1)
     assert reply.policy_version == before + 1

@@ -69,6 +69,8 @@ class Engine(ABC):
 
 
 MAX_INSTRUCTION_CHARS = 1000
+MIN_TEMPERATURE = 1e-2
+MAX_TEMPERATURE = 100.0
 
 
 def validate_batch(
@@ -95,7 +97,12 @@ def validate_batch(
             raise ValueError(f"instruction {i} is empty")
         if len(text) > MAX_INSTRUCTION_CHARS:
             raise ValueError(f"instruction {i} is longer than {MAX_INSTRUCTION_CHARS} characters")
-    if not greedy and not (np.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not greedy and not (MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        # Below the floor logits / temperature overflows to inf and the probabilities to NaN
+        # (1e-45 gave INTERNAL); greedy=true is the way to ask for the argmax.
+        raise ValueError(
+            f"temperature must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}] when sampling "
+            f"(greedy=true for the argmax), got {temperature}"
+        )
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
