@@ -25,98 +25,39 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # vla_rl, where the package is not installed (a lent GPU machine)
-SPLITS = "train,vision,semantic,execution"
-# What reaches stdout (everything goes to the phase's log files): progress and results.
-SHOW = re.compile(
-    r"^(iter |eval |bc: |bc step .*0{3}/|\||train |vision |semantic |execution |"
-    r"Traceback|\w*Error|error|collect-demos|.*success)"
+
+from vla_rl.experiment import (  # noqa: E402
+    Setup,
+    latest_checkpoint,
+    model_overrides,
+    rl_overrides,
+    run_cli,
 )
+from vla_rl.experiment import env_overrides as _env_overrides  # noqa: E402
+from vla_rl.experiment import eval_table as _eval_table  # noqa: E402
+
+SPLITS = "train,vision,semantic,execution"
 
 
-def vla_rl(*args: str, log: Path | None = None, deadline_s: float | None = None) -> int:
-    """Run `python -m vla_rl.cli ARGS` from the repository root, teeing its output to `log`.
-    Past `deadline_s` it gets SIGINT (the launcher's Ctrl-C path: every service stops, the latest
-    checkpoint stays)."""
-    cmd = [sys.executable, "-m", "vla_rl.cli", *args]
-    print("$ " + " ".join(cmd), flush=True)
-    sink = open(log, "a") if log else None  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    )
-    start = time.monotonic()
-    stopped = False
-    try:
-        assert proc.stdout is not None
-        os.set_blocking(proc.stdout.fileno(), False)
-        while True:
-            line = proc.stdout.readline()
-            if line:
-                if SHOW.search(line):
-                    print(line, end="", flush=True)
-                if sink:
-                    sink.write(line)
-                continue
-            if proc.poll() is not None:
-                rest = proc.stdout.read() or ""
-                print("".join(x for x in rest.splitlines(True) if SHOW.search(x)), end="")
-                if sink:
-                    sink.write(rest)
-                break
-            if deadline_s is not None and not stopped and time.monotonic() - start > deadline_s:
-                print(f"[rl_gain] {deadline_s:.0f} s passed: stopping the run (SIGINT)", flush=True)
-                proc.send_signal(signal.SIGINT)
-                stopped = True
-            time.sleep(0.05)
-    finally:
-        if sink:
-            sink.close()
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode if not stopped else 0
-
-
-def model_overrides(args: argparse.Namespace, base: str) -> list[str]:
-    oft = args.model == "openvlaoft"
-    return [
-        f"actor.model.model_path={base}",
-        f"actor.model.model_type={'openvla_oft' if oft else 'openvla'}",
-        f"actor.model.num_action_chunks={args.chunk if oft else 1}",
-        f"actor.lora.rank={args.lora_rank}",
-        f"actor.lora.alpha={args.lora_rank}",
-    ]
+def setup_of(args: argparse.Namespace) -> Setup:
+    return Setup(
+        task=args.task, model=args.model, chunk=args.chunk, device=args.device,
+        episode_steps=args.episode_steps, envs=args.envs, envs_per_server=args.envs_per_server,
+        reward_mode=args.reward_mode, ignore_terminations=args.ignore_terminations,
+        periodic_eval_episodes=args.periodic_eval_episodes, lora_rank=args.lora_rank,
+        work=args.work,
+    )  # fmt: skip
 
 
 def env_overrides(args: argparse.Namespace) -> list[str]:
-    """Training and evaluation envs: one env per env server (evaluation plays one episode per
-    server at a time, so servers are its parallelism), --episode-steps long episodes."""
-    steps = args.episode_steps
-    placement = "cpu" if args.device == "cpu" else "0"
-    return [
-        f"cluster.component_placement={{actor: {placement}, rollout: {placement}, env: {placement}}}",
-        f"env.train.task_ids=[{args.task}]",
-        f"env.eval.task_ids=[{args.task}]",
-        f"env.train.total_num_envs={args.envs * args.envs_per_server}",
-        f"env.train.num_servers={args.envs}",
-        f"env.train.max_episode_steps={steps}",
-        f"env.train.max_steps_per_rollout_epoch={steps}",
-        f"env.eval.num_servers={args.envs}",
-        f"env.eval.total_num_envs={args.periodic_eval_episodes}",
-        f"env.eval.max_episode_steps={steps}",
-        f"env.eval.max_steps_per_rollout_epoch={steps}",
-        "rollout.sampling_params.temperature_eval=0",  # greedy, as the tables are
-        f"env.train.ignore_terminations={str(args.ignore_terminations).lower()}",
-        f"env.train.reward_mode={args.reward_mode}",
-    ]
+    return _env_overrides(setup_of(args))
 
 
 def eval_table(
@@ -129,15 +70,9 @@ def eval_table(
 ) -> dict:
     """`vla-rl eval` on `splits` (default --splits), `episodes` per split (default
     --eval-episodes); returns eval_table.json."""
-    splits, episodes = splits or args.splits, episodes or args.eval_episodes
-    cmd = ["eval", "--splits", splits, "--episodes", str(episodes), "--out", str(out)]
-    if adapter:
-        cmd += ["--adapter", adapter]
-    cmd += model_overrides(args, base) + env_overrides(args)
-    cmd += [f"runner.logger.log_path={args.work}/eval_runs", "runner.logger.experiment_name=eval"]
-    if vla_rl(*cmd, log=out.with_suffix(".log")) != 0:
-        raise SystemExit(f"vla-rl eval failed; see {out.with_suffix('.log')}")
-    return json.loads((out / "eval_table.json").read_text())
+    return _eval_table(
+        setup_of(args), base, out, adapter, splits or args.splits, episodes or args.eval_episodes
+    )
 
 
 def train_success(table: dict) -> float:
@@ -148,7 +83,7 @@ def phase_base(args: argparse.Namespace) -> None:
     work, out = Path(args.work), Path(args.out)
     demos = work / "demos" / args.task
     if not (demos / "meta.json").is_file():
-        rc = vla_rl(
+        rc = run_cli(
             "collect-demos", "--task", args.task, "--episodes", str(args.demos),
             "--seed", "0", "--out", str(demos), "--max-episode-steps", str(args.episode_steps),
             "--quiet", "--overwrite",
@@ -165,7 +100,7 @@ def phase_base(args: argparse.Namespace) -> None:
         cmd += ["--init", str(previous)] if previous else ["--model", args.model]
         if args.model == "openvlaoft":
             cmd += ["--chunk", str(args.chunk)]
-        if vla_rl(*cmd, log=work / f"bc_{steps}.log") != 0:
+        if run_cli(*cmd, log=work / f"bc_{steps}.log") != 0:
             raise SystemExit("bc failed")
         previous, done = ckpt, steps
         table = eval_table(
@@ -195,50 +130,32 @@ def phase_rl(args: argparse.Namespace) -> None:
     run_dir = runs / name
     if not args.resume:
         shutil.rmtree(run_dir, ignore_errors=True)
-    grpo = args.algorithm == "grpo"
-    algo = (
-        ["algorithm.adv_type=grpo", "algorithm.loss_type=actor",
-         f"algorithm.group_size={args.group_size}", "algorithm.normalize_advantages=false"]
-        if grpo else ["algorithm.adv_type=gae", "algorithm.loss_type=actor_critic"]
-    )  # fmt: skip
-    decisions = (
-        args.envs
-        * args.envs_per_server
-        * args.episode_steps
-        // (args.chunk if args.model == "openvlaoft" else 1)
-    )
-    cmd = ["train", *model_overrides(args, args.base), *env_overrides(args), *algo,
+    setup = setup_of(args)
+    cmd = ["train", *model_overrides(setup, args.base), *env_overrides(args),
+           *rl_overrides(setup, args.algorithm, args.group_size, args.lr, args.update_epochs,
+                         args.mini_batches, args.micro_batch, args.temperature),
            f"runner.logger.log_path={runs}", f"runner.logger.experiment_name={name}",
            f"runner.max_epochs={args.iterations}", f"runner.val_check_interval={args.eval_every}",
-           f"runner.save_interval={args.save_every}", f"runner.seed={args.seed}",
-           f"algorithm.update_epoch={args.update_epochs}",
-           f"actor.optim.lr={args.lr}", f"actor.global_batch_size={decisions // args.mini_batches}",
-           f"actor.micro_batch_size={min(args.micro_batch, decisions // args.mini_batches)}",
-           f"rollout.sampling_params.temperature_train={args.temperature}"]  # fmt: skip
+           f"runner.save_interval={args.save_every}", f"runner.seed={args.seed}"]  # fmt: skip
     t0 = time.monotonic()
-    vla_rl(*cmd, log=out / f"{name}_train.log", deadline_s=args.minutes * 60)
+    run_cli(*cmd, log=out / f"{name}_train.log", deadline_s=args.minutes * 60)
     train_s = time.monotonic() - t0
-    steps = sorted(
-        run_dir.glob("checkpoints/global_step_*"), key=lambda p: int(p.name.split("_")[-1])
-    )
-    if not steps:
-        raise SystemExit(f"no checkpoint under {run_dir}/checkpoints")
+    checkpoint = latest_checkpoint(run_dir)
     from vla_rl.report import plot_learning_curve
 
-    curve = plot_learning_curve(
-        run_dir, args.envs * args.envs_per_server * args.episode_steps, title=name
-    )
+    env_steps_per_iteration = args.envs * args.envs_per_server * args.episode_steps
+    curve = plot_learning_curve(run_dir, env_steps_per_iteration, title=name)
     shutil.copy(curve, out / f"{name}_learning_curve.png")
     table = (
         None
         if args.no_table
-        else eval_table(args, args.base, out / f"{name}_table", str(steps[-1]))
+        else eval_table(args, args.base, out / f"{name}_table", str(checkpoint))
     )
     periodic = {
         p.stem: json.loads(p.read_text()) for p in sorted((run_dir / "eval").glob("step_*.json"))
     }
     result = {"phase": "rl", "args": vars(args), "train_wall_s": train_s,
-              "checkpoint": steps[-1].name, "iterations": int(steps[-1].name.split("_")[-1]),
+              "checkpoint": checkpoint.name, "iterations": int(checkpoint.name.split("_")[-1]),
               "table": table, "periodic_eval": {k: _eval_rate(v) for k, v in periodic.items()},
               **machine()}  # fmt: skip
     (out / f"rl_gain_{name}.json").write_text(json.dumps(result, indent=2))

@@ -43,6 +43,13 @@ def _tiny_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    from vla_rl.experiment import run_experiment
+
+    run_experiment(args)
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from vla_rl.config import ConfigError, dump_yaml, load_config
 
@@ -195,6 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="scripted-expert demonstrations (npz episodes + meta.json); --help for its flags",
     )
     demos.set_defaults(func=_collect_demos, passthrough=True)
+
+    exp = sub.add_parser(
+        "experiment",
+        help="does RL improve a warm-started VLA? base (cached) -> eval -> RL -> eval -> table",
+        description=(
+            "Scripted-expert demonstrations cloned into a base checkpoint (built once, cached), "
+            "the base evaluated greedily, PPO or GRPO from it through the services, the trained "
+            "adapter evaluated on the same seeds, a before/after table with 95%% intervals and "
+            "the learning curve. The defaults are the laptop-scale run of `bash scripts/run.sh`."
+        ),
+    )
+    from vla_rl.experiment import add_arguments
+
+    add_arguments(exp)
+    exp.set_defaults(func=_experiment)
 
     tiny = sub.add_parser("tiny-checkpoint", help="write a tiny random OpenVLA checkpoint")
     tiny.add_argument("path")

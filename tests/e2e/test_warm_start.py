@@ -1,9 +1,10 @@
-"""The warm-start story a user follows, through the real commands and services: scripted-expert
-demonstrations of PushCube-v1 (`vla-rl collect-demos`), behaviour cloning into an OpenVLA-layout
-checkpoint (`vla-rl bc`), three PPO iterations from it with periodic evaluation and eval videos
-(`vla-rl train`), and the evaluation table of the trained adapter in and out of distribution
-(`vla-rl eval --adapter`). Tiny sizes: this checks that every artefact is produced and
-consistent, not that success rises (benchmarks/rl_gain.py measures that on a GPU)."""
+"""The warm-start story a user follows, through `vla-rl experiment` (what `bash scripts/run.sh`
+runs): scripted-expert demonstrations of PushCube-v1 and behaviour cloning into a cached base
+(`vla-rl collect-demos`, `vla-rl bc`), the base evaluated in and out of distribution (`vla-rl
+eval`), three PPO iterations from it with periodic evaluation and eval videos (`vla-rl train`),
+the trained adapter evaluated on the same seeds (`vla-rl eval --adapter`), the before/after table
+and the learning curve. Tiny sizes: this checks that every artefact is produced and consistent,
+not that success rises (benchmarks/rl_gain.py measures that on a GPU)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TASK = "PushCube-v1"
-STEPS = 6  # env steps per episode and per iteration
 
 
 def _vla_rl(*args: str, timeout: float = 900) -> str:
@@ -33,38 +33,27 @@ def _vla_rl(*args: str, timeout: float = 900) -> str:
 
 
 @pytest.mark.slow
-def test_demos_bc_ppo_and_eval_table(tmp_path):
-    demos, base, runs = tmp_path / "demos", tmp_path / "base", tmp_path / "runs"
-    _vla_rl("collect-demos", "--task", TASK, "--episodes", "2", "--out", str(demos), "--quiet")
-    assert json.loads((demos / "meta.json").read_text())["task_id"] == TASK
-
-    out = _vla_rl("bc", "--demos", str(demos), "--out", str(base), "--steps", "4",
-                  "--batch-size", "4", "--device", "cpu")  # fmt: skip
-    assert "token accuracy" in out and (base / "model.safetensors").is_file()
-
-    env = [
-        f"actor.model.model_path={base}",
-        f"env.train.task_ids=[{TASK}]",
-        f"env.eval.task_ids=[{TASK}]",
-        "env.train.total_num_envs=2",
-        f"env.train.max_episode_steps={STEPS}",
-        f"env.train.max_steps_per_rollout_epoch={STEPS}",
-        "env.eval.total_num_envs=2",
-        f"env.eval.max_episode_steps={STEPS}",
-        f"env.eval.max_steps_per_rollout_epoch={STEPS}",
-        "rollout.sampling_params.temperature_eval=0",
-    ]
-    out = _vla_rl(
-        "train", *env,
-        f"runner.logger.log_path={runs}", "runner.logger.experiment_name=from_bc",
-        "runner.max_epochs=3", "runner.val_check_interval=2",
-        "env.eval.video_cfg.save_video=true",
-        "actor.micro_batch_size=4", "actor.global_batch_size=12",
-    )  # fmt: skip
-    run = runs / "from_bc"
+def test_experiment_base_eval_ppo_eval_table(tmp_path):
+    out_dir, cache = tmp_path / "experiment", tmp_path / "cache"
+    flags = [
+        "--out", str(out_dir), "--cache", str(cache), "--task", TASK,
+        "--demos", "2", "--bc-steps", "4", "--bc-batch", "4",
+        "--episode-steps", "6", "--envs", "2", "--iterations", "3",
+        "--eval-every", "2", "--periodic-eval-episodes", "2", "--videos",
+        "--eval-episodes", "2", "--splits", "train,semantic",
+        "--micro-batch", "4", "--mini-batches", "1", "--update-epochs", "1",
+    ]  # fmt: skip
+    out = _vla_rl("experiment", *flags)
+    assert "building it once" in out
+    base = cache / f"{TASK}_openvla" / "base"
+    assert (base / "model.safetensors").is_file()
+    demos = json.loads((cache / f"{TASK}_openvla" / "demos" / "meta.json").read_text())
+    assert demos["task_id"] == TASK and demos["episodes_written"] == 2
     for i in (1, 2, 3):
         assert f"iter    {i}/3" in out
-    # Periodic evaluation at version 2, and the final one at 3, each with its episodes' videos.
+
+    # Periodic evaluation during training at version 2 and the final one at 3, with videos.
+    run = out_dir / "train"
     assert sorted(p.name for p in (run / "eval").glob("step_*.json")) == [
         "step_00002.json",
         "step_00003.json",
@@ -74,19 +63,37 @@ def test_demos_bc_ppo_and_eval_table(tmp_path):
     assert all(Path(e["video"]).stat().st_size > 1000 for e in final)
     assert (run / "learning_curve.png").stat().st_size > 10_000
 
-    table_dir = tmp_path / "table"
-    adapter = run / "checkpoints" / "global_step_3"
-    out = _vla_rl(
-        "eval", "--adapter", str(adapter), "--splits", "train,semantic", "--episodes", "2",
-        "--out", str(table_dir), *env,
-        f"runner.logger.log_path={tmp_path / 'eval_runs'}",
-    )  # fmt: skip
-    table = json.loads((table_dir / "eval_table.json").read_text())
-    assert table["label"] == "adapter v3"
-    assert set(table["rows"]) == {"train", "semantic", "ood_average"}
-    assert [e["task_id"] for e in table["episodes"]["semantic"]] == [
+    # Before and after on the same episodes (tasks and seeds), in and out of distribution.
+    before = json.loads((out_dir / "base_eval" / "eval_table.json").read_text())
+    after = json.loads((out_dir / "after_eval" / "eval_table.json").read_text())
+    assert before["label"] == "base" and after["label"] == "adapter v3"
+    for table in (before, after):
+        assert set(table["rows"]) == {"train", "semantic", "ood_average"}
+    assert [e["task_id"] for e in after["episodes"]["semantic"]] == [
         f"{TASK}-semantic-colour",
         f"{TASK}-semantic-size",
     ]
-    assert all(e["policy_version"] == 3 for e in table["episodes"]["train"])
-    assert "| train |" in (table_dir / "eval_table.md").read_text()
+    for split in ("train", "semantic"):
+        assert [e["seed"] for e in before["episodes"][split]] == [
+            e["seed"] for e in after["episodes"][split]
+        ]
+    assert all(e["policy_version"] == 3 for e in after["episodes"]["train"])
+    videos = sorted((out_dir / "after_eval" / "video").rglob("*.mp4"))
+    assert len(videos) == 4 and all(v.stat().st_size > 1000 for v in videos)
+
+    comparison = json.loads((out_dir / "comparison.json").read_text())
+    rows = comparison["rows"]
+    assert set(rows) == {"train", "semantic", "ood_average"}
+    for split, row in rows.items():
+        assert row["base"] == before["rows"][split] and row["after"] == after["rows"][split]
+        assert row["gain"] == pytest.approx(
+            after["rows"][split]["success_rate"] - before["rows"][split]["success_rate"]
+        )
+    table = (out_dir / "comparison.md").read_text()
+    assert "| train |" in table and "after PPO (3 iterations)" in table
+
+    # A second run reuses the cached base instead of building it again.
+    out = _vla_rl(
+        "experiment", *flags, "--iterations", "1", "--eval-every", "-1", "--splits", "train"
+    )
+    assert "cached at" in out and "building it once" not in out
