@@ -46,6 +46,9 @@ class Launch:
     run_dir: Path
     children: list[Child] = field(default_factory=list)
     memory_server: object | None = None
+    child_env: dict[str, str] = field(default_factory=dict)
+    """Set in every child's environment (secrets such as the memory buffer's key: never on a
+    command line, where `ps` shows them)."""
 
     def start(
         self,
@@ -56,7 +59,7 @@ class Launch:
         to_console: bool = False,
         target: str = "",
     ) -> Child:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.child_env)
         env["CUDA_VISIBLE_DEVICES"] = "" if gpus == "cpu" else ",".join(map(str, gpus))
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
@@ -160,9 +163,12 @@ def start_buffer(cfg: TrainConfig, launch: Launch) -> str:
         url = f"redis://127.0.0.1:{port}/0"
         _wait_redis(url)
         return url
-    from vla_rl.buffer.memory import serve_memory_buffer
+    from vla_rl.buffer.memory import AUTHKEY_ENV, serve_memory_buffer
 
+    # A key of this run only: the store unpickles what clients send, so whoever holds the key
+    # can run code in it. The children get it through their environment.
     launch.memory_server = serve_memory_buffer()
+    launch.child_env[AUTHKEY_ENV] = launch.memory_server.authkey
     return launch.memory_server.url
 
 
@@ -311,12 +317,15 @@ def launch_plan(
             )
         cfg.rollout.addresses = [r.target for r in rollout]
     env: list[ProcessPlan] = []
+    # Requests may only name the task modules the env servers were started with.
+    modules = sorted(set(cfg.env.train.task_modules) | set(cfg.env.eval.task_modules))
     for s in range(cfg.env.train.num_servers):
         p = port()
         env.append(
             ProcessPlan(
                 f"env{s}",
-                ["-m", "services.env_server.main", "--port", str(p), "--server-id", f"env{s}"],
+                ["-m", "services.env_server.main", "--port", str(p), "--server-id", f"env{s}"]
+                + (["--task-modules", *modules] if modules else []),
                 placement["env"],
                 f"127.0.0.1:{p}",
             )

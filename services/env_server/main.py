@@ -23,8 +23,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--server-id", default=None, help="names this server in segment ids")
     p.add_argument("--grace-s", type=float, default=5.0)
+    p.add_argument("--task-modules", nargs="*", default=[],
+                   help="user task modules (import paths) requests may name; importing runs "
+                        "their code, so only these and the built-in OOD variants are allowed")  # fmt: skip
     args = p.parse_args(argv)
-    servicer = EnvServicer(args.server_id or f"{socket.gethostname()}:{args.port}")
+    servicer = EnvServicer(
+        args.server_id or f"{socket.gethostname()}:{args.port}", task_modules=args.task_modules
+    )
     server = make_server()
     env_pb2_grpc.add_EnvServiceServicer_to_server(servicer, server)
     add_health_and_reflection(server, [ENV_SERVICE])

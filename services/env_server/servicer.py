@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 
 import grpc
 import numpy as np
@@ -20,7 +21,7 @@ from vla_rl.rpc.tensors import from_tensor, to_tensor
 
 from .collector import CollectionConfig, Collector
 from .env_pool import EnvPool, EnvPoolConfig, check_action_space, probe_controllers
-from .tasks import import_task_modules, resolve_task
+from .tasks import check_task_modules, import_task_modules, resolve_task
 
 log = logging.getLogger("vla_rl.env_server")
 
@@ -56,12 +57,16 @@ def check_env_type(env_type: str) -> str:
     return env_type
 
 
-def collection_config(req: env_pb2.StartCollectionRequest, server_id: str) -> CollectionConfig:
-    """Proto -> CollectionConfig; every check raises ValueError naming the field. The pool's
-    action_dim is left None: StartCollection sets it from the rollout service's PolicyInfo."""
+def collection_config(
+    req: env_pb2.StartCollectionRequest, server_id: str, allowed_modules: Iterable[str] = ()
+) -> CollectionConfig:
+    """Proto -> CollectionConfig; every check raises ValueError naming the field (a task module
+    the server was not started with: PermissionDenied). The pool's action_dim is left None:
+    StartCollection sets it from the rollout service's PolicyInfo."""
     check_env_type(req.env_type)
     if not req.task_ids:
         raise ValueError("task_ids is empty")
+    check_task_modules(req.task_modules, allowed_modules)
     import_task_modules(req.task_modules)
     for task_id in req.task_ids:
         resolve_task(task_id)  # ValueError naming the task and the known ones
@@ -117,9 +122,12 @@ def probe_pool_controllers(
         return None
 
 
-def reset_pool_config(req: env_pb2.ResetRequest) -> EnvPoolConfig:
+def reset_pool_config(
+    req: env_pb2.ResetRequest, allowed_modules: Iterable[str] = ()
+) -> EnvPoolConfig:
     """ResetRequest -> the config of its session's one-env pool; ValueError naming the field."""
     check_env_type(req.env_type)
+    check_task_modules(req.task_modules, allowed_modules)
     import_task_modules(req.task_modules)
     resolve_task(req.task_id)
     if req.HasField("control_mode"):
@@ -190,8 +198,10 @@ class _Session:
 
 
 class EnvServicer(env_pb2_grpc.EnvServiceServicer):
-    def __init__(self, server_id: str) -> None:
+    def __init__(self, server_id: str, task_modules: Iterable[str] = ()) -> None:
         self.server_id = server_id
+        self.task_modules = tuple(task_modules)
+        """User task modules requests may name (server-side configuration, --task-modules)."""
         self._lock = threading.Lock()
         self._collector: Collector | None = None
         self._thread: threading.Thread | None = None
@@ -220,7 +230,7 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
 
     @map_errors
     def StartCollection(self, request, context):
-        config = collection_config(request, self.server_id)
+        config = collection_config(request, self.server_id, self.task_modules)
         controllers = self._probe_controllers(config.pool)
         if not context.is_active():  # the client gave up while the envs were built
             context.abort(grpc.StatusCode.CANCELLED, "client left before the collection started")
@@ -325,7 +335,7 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
 
     @map_errors
     def Reset(self, request, context):
-        config = reset_pool_config(request)
+        config = reset_pool_config(request, self.task_modules)
         key = _session_key(check_env_type(request.env_type), config)
         with self._lock:
             self._expire_sessions()

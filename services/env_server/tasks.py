@@ -45,6 +45,25 @@ def registered_tasks() -> dict[str, str]:
     return dict(_TASK_INSTRUCTIONS)
 
 
+BUILTIN_TASK_MODULES = ("services.env_server.ood_tasks",)
+"""Task modules every env server may import: the OOD evaluation variants shipped here."""
+
+
+def check_task_modules(requested: Iterable[str], allowed: Iterable[str]) -> None:
+    """Raise PermissionDenied unless every requested module is one the server was started with
+    (--task-modules) or a built-in one: importing runs the module's code, so which modules exist
+    is the server's configuration, never a client's choice."""
+    from vla_rl.rpc.server import PermissionDenied
+
+    permitted = set(allowed) | set(BUILTIN_TASK_MODULES)
+    refused = [m for m in requested if m not in permitted]
+    if refused:
+        raise PermissionDenied(
+            f"task module(s) {refused} are not enabled on this env server (start it with "
+            f"--task-modules; enabled: {sorted(permitted)})"
+        )
+
+
 def import_task_modules(paths: Iterable[str]) -> None:
     """Import user task modules by import path (e.g. ``"my_pkg.tasks.put_on_plate"``)."""
     for path in paths:

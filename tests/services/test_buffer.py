@@ -514,13 +514,29 @@ def test_from_url(redis_url):
         from_url("kafka://host:9092")
 
 
-def test_remote_memory_buffer_needs_a_key_off_loopback(monkeypatch):
+def test_a_served_memory_buffer_always_needs_its_key(monkeypatch):
+    """The store unpickles what clients send: no fixed key, not even on loopback (there was one,
+    so any local process could run code in it). A server started without a key makes a random
+    one; a client without it, or with another, is refused."""
+    from multiprocessing import AuthenticationError
+
     monkeypatch.delenv("VLA_RL_BUFFER_AUTHKEY", raising=False)
-    assert resolve_authkey(None, "127.0.0.1")
-    with pytest.raises(ValueError, match="needs a secret key"):
-        resolve_authkey(None, "10.1.2.3")
+    for host in ("127.0.0.1", "10.1.2.3"):
+        with pytest.raises(ValueError, match="needs its secret key"):
+            resolve_authkey(None, host)
     monkeypatch.setenv("VLA_RL_BUFFER_AUTHKEY", "secret")
     assert resolve_authkey(None, "10.1.2.3") == b"secret"
+    monkeypatch.delenv("VLA_RL_BUFFER_AUTHKEY")
+
+    with serve_memory_buffer() as server, serve_memory_buffer() as other:
+        assert len(server.authkey) == 64 and server.authkey != other.authkey
+        with pytest.raises(ValueError, match="needs its secret key"):
+            from_url(server.url, stream=STREAM, consumer="c")
+        with pytest.raises(AuthenticationError):
+            from_url(server.url, stream=STREAM, consumer="c", authkey=other.authkey)
+        with from_url(server.url, stream=STREAM, consumer="c", authkey=server.authkey) as buffer:
+            buffer.put(make_segment(0))
+            assert buffer.length() == 1
 
 
 _PRODUCER = """
@@ -558,3 +574,28 @@ def test_memory_buffer_shared_between_processes():
         restarted = from_url(server.url, stream=STREAM, consumer="learner-0", authkey="test-key")
         assert ids_of(restarted.take(10, 0)) == ["run-srv-2-0", "run-srv-3-0"]
         assert restarted.length() == count and restarted.dead_letters() == 0
+
+
+def test_the_launcher_passes_its_memory_buffer_key_to_children_only(tmp_path, monkeypatch):
+    """`vla-rl train` without Redis serves the in-memory store with a key of this run and hands
+    it to every child through its environment (not its command line); the launcher's own
+    environment keeps no copy."""
+    from vla_rl.config import load_config
+    from vla_rl.launch import Launch, start_buffer
+
+    monkeypatch.delenv("VLA_RL_BUFFER_AUTHKEY", raising=False)
+    cfg = load_config(None, ["buffer.backend=memory"])
+    launch = Launch(tmp_path)
+    try:
+        url = start_buffer(cfg, launch)
+        assert "VLA_RL_BUFFER_AUTHKEY" not in os.environ
+        code = _PRODUCER.format(
+            test_dir=str(Path(__file__).parent), url=url, stream=STREAM, count=2
+        )
+        child = launch.start("producer", [sys.executable, "-c", code])
+        assert child.proc.wait(timeout=60) == 0, child.log_path.read_text()
+        assert launch.memory_server.authkey not in " ".join(child.proc.args)
+        with from_url(url, stream=STREAM, consumer="c", authkey=launch.memory_server.authkey) as b:
+            assert b.length() == 2
+    finally:
+        launch.stop()

@@ -24,7 +24,10 @@ from vla_rl.rpc.tensors import from_tensor, to_tensor
 @pytest.fixture(scope="module")
 def env_server(tmp_path_factory):
     proc = ServiceProcess(
-        "services.env_server.main", ["--server-id", "test"], tmp_path_factory.mktemp("env"), "env"
+        "services.env_server.main",
+        ["--server-id", "test", "--task-modules", TASK_MODULE],
+        tmp_path_factory.mktemp("env"),
+        "env",
     )
     try:
         proc.wait_healthy()
@@ -314,6 +317,29 @@ def test_eval_session_keeps_an_env_per_task(env_server):
     assert _close(stub, sid).closed
 
 
+def test_task_modules_are_the_servers_configuration_not_the_clients(env_server):
+    """Importing a module runs its code: a request may only name modules the server was started
+    with (--task-modules) or the built-in OOD variants; anything else is PERMISSION_DENIED before
+    any import (a client used to make the server import whatever it named)."""
+    stub, proc = env_server
+    for module in ("antigravity", "tests.services.conftest"):
+        code, details = _code(
+            stub.Reset, env_pb2.ResetRequest(task_id="PickCube-v1", task_modules=[module])
+        )
+        assert code == grpc.StatusCode.PERMISSION_DENIED and module in details
+        code, details = _code(stub.StartCollection, _start(task_modules=[module]))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and module in details
+    assert stub.GetStatus(env_pb2.GetStatusRequest(), timeout=10).state != "running"
+    # The built-in OOD variants stay available to every client.
+    obs = _reset(
+        stub,
+        task_id="PushCube-v1-semantic-colour",
+        task_modules=["services.env_server.ood_tasks"],
+        image_size=32,
+    )
+    assert obs.session_id
+
+
 def test_eval_session_task_modules_and_time_limit(env_server):
     stub, _ = env_server
     code, details = _code(stub.Reset, env_pb2.ResetRequest(task_id="TestPickCube-v1"))
@@ -322,7 +348,7 @@ def test_eval_session_task_modules_and_time_limit(env_server):
         stub.Reset,
         env_pb2.ResetRequest(task_id="TestPickCube-v1", task_modules=["no_such_module_xyz"]),
     )
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "no_such_module_xyz" in details
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "no_such_module_xyz" in details
 
     # The module registers the task; the session's env truncates at the requested step (the
     # task's own limit is 20).

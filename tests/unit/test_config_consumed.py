@@ -228,3 +228,19 @@ def test_rollout_flags_from_the_plan_reach_the_engine(engine):
     if engine == "vllm":
         assert options["gpu_memory_utilization"] == cfg.rollout.gpu_memory_utilization
         assert options["max_batch_size"] == cfg.rollout.max_batch_size
+
+
+def test_task_modules_reach_the_env_servers_allow_list():
+    """env.*.task_modules become every env server's --task-modules: a server imports only the
+    modules it was started with, whatever a request names."""
+    import argparse
+
+    cfg = load_config(
+        None, ["env.train.task_modules=[my_tasks]", "env.eval.task_modules=[my_eval_tasks]"]
+    )
+    for env in observe(cfg)["env"]:
+        flags = argparse.ArgumentParser()
+        flags.add_argument("--task-modules", nargs="*", default=[])
+        parsed, _ = flags.parse_known_args(env.args[2:])
+        assert parsed.task_modules == ["my_eval_tasks", "my_tasks"]
+    assert all("--task-modules" not in e.args for e in observe(load_config(None, []))["env"])

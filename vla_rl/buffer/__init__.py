@@ -43,7 +43,7 @@ def from_url(
 
     `redis://host:port/db` (also `rediss://`, `unix://`): Redis Streams. `memory://`: the store
     shared by this process. `memory://host:port`: a store served by `serve_memory_buffer`
-    (`authkey`, else $VLA_RL_BUFFER_AUTHKEY; loopback needs neither).
+    (`authkey`, else $VLA_RL_BUFFER_AUTHKEY: the server's key, always required).
     """
     scheme = urlsplit(url).scheme
     options = dict(

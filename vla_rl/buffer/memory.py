@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import ipaddress
 import logging
 import multiprocessing
 import os
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,10 +33,10 @@ from vla_rl.buffer.base import (
 log = logging.getLogger(__name__)
 
 AUTHKEY_ENV = "VLA_RL_BUFFER_AUTHKEY"
-"""Environment variable with the key a buffer server and its clients share."""
-# Only good enough for loopback: a manager unpickles what clients send, so a server reachable
-# from other hosts needs a secret key.
-_LOOPBACK_AUTHKEY = b"vla-rl-loopback-buffer"
+"""Environment variable with the key a buffer server and its clients share. A manager unpickles
+what clients send, so the key is what stands between any local process and running code in the
+store: there is no fixed default key (there was one for loopback), `serve_memory_buffer` makes a
+random one when none is given."""
 
 EntryId = tuple[int, int]
 
@@ -346,27 +346,23 @@ def parse_address(address: tuple[str, int] | str) -> tuple[str, int]:
 
 
 def resolve_authkey(authkey: bytes | str | None, host: str) -> bytes:
-    """The given key, else $VLA_RL_BUFFER_AUTHKEY, else a fixed key allowed on loopback only."""
+    """The given key, else $VLA_RL_BUFFER_AUTHKEY; ValueError when there is neither."""
     if authkey is None:
         authkey = os.environ.get(AUTHKEY_ENV) or None
-    if authkey is not None:
-        return authkey.encode() if isinstance(authkey, str) else authkey
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if authkey is None:
         raise ValueError(
-            f"a memory buffer on {host!r} needs a secret key: pass authkey or set {AUTHKEY_ENV}"
+            f"the memory buffer on {host!r} needs its secret key: pass authkey or set {AUTHKEY_ENV}"
         )
-    return _LOOPBACK_AUTHKEY
+    return authkey.encode() if isinstance(authkey, str) else authkey
 
 
 class MemoryBufferServer:
     """A store served by a child process; `url` is what clients pass to `from_url`."""
 
-    def __init__(self, manager: _StoreManager) -> None:
+    def __init__(self, manager: _StoreManager, authkey: str) -> None:
         self._manager = manager
+        self.authkey = authkey
+        """The key clients need (pass it as authkey or in $VLA_RL_BUFFER_AUTHKEY)."""
         host, port = manager.address
         self.address: tuple[str, int] = (host, port)
         self.url = f"memory://{host}:{port}"
@@ -386,16 +382,20 @@ def serve_memory_buffer(
     address: tuple[str, int] | str = ("127.0.0.1", 0),
     authkey: bytes | str | None = None,
 ) -> MemoryBufferServer:
-    """Start a child process that serves a store at `address` (port 0: any free port)."""
+    """Start a child process that serves a store at `address` (port 0: any free port). Without
+    `authkey` (or $VLA_RL_BUFFER_AUTHKEY) the store gets a random key: `server.authkey`."""
     host, port = parse_address(address)
+    if authkey is None:
+        authkey = os.environ.get(AUTHKEY_ENV) or secrets.token_hex(32)
+    key = authkey.decode() if isinstance(authkey, bytes) else authkey
     manager = _StoreManager(
         address=(host, port),
-        authkey=resolve_authkey(authkey, host),
+        authkey=resolve_authkey(key, host),
         ctx=multiprocessing.get_context("spawn"),
     )
     manager.start()
     log.info("memory buffer served at memory://%s:%d", *manager.address)
-    return MemoryBufferServer(manager)
+    return MemoryBufferServer(manager, key)
 
 
 def run_memory_buffer_server(

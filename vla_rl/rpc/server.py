@@ -107,8 +107,13 @@ def serve_until_signal(
 
 
 # Exceptions that say what the caller did wrong, and their status; anything else is a bug here.
+class PermissionDenied(Exception):
+    """A request asks for something this server does not allow (PERMISSION_DENIED)."""
+
+
 _CALLER_ERRORS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (NotImplementedError, grpc.StatusCode.UNIMPLEMENTED),
 )
 # Statuses of a failed call to another service that are passed on unchanged, so the caller's own
@@ -139,6 +144,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def map_errors(method: F) -> F:
     """Decorates a servicer method (unary or streaming reply) so that an exception becomes a
     status instead of gRPC's generic UNKNOWN: ValueError -> INVALID_ARGUMENT with its message,
+    PermissionDenied -> PERMISSION_DENIED,
     NotImplementedError -> UNIMPLEMENTED, UNAVAILABLE / DEADLINE_EXCEEDED from a call to another
     service -> the same code, anything else -> INTERNAL, logged with its traceback. A status the
     method set itself (context.abort) is kept. The context must be the last argument.
