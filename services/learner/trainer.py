@@ -100,6 +100,7 @@ class Learner:
         self.last_metrics: dict[str, float] = {}
         self._held: list[Received] = []  # segments of a later iteration (max_staleness > 0)
         self.stale_dropped = 0
+        self.foreign_rejected = 0  # segments of a policy version never published: dead letters
         self.duplicates_dropped = 0
         self.main = is_main()
 
@@ -172,7 +173,16 @@ class Learner:
         """Put one received segment where it belongs: this iteration, held, or dropped."""
         seg = r.segment
         lag = self.policy_version - seg.policy_version
-        if seg.iteration > self.iteration:
+        if lag < 0:
+            # Stamped with a version this learner never published: not from our policy (a
+            # foreign push to a rollout server, or a stream shared by another run).
+            self.buffer.reject(
+                r,
+                f"segment {seg.segment_id} says policy version {seg.policy_version}, but this "
+                f"learner has published only up to {self.policy_version}",
+            )
+            self.foreign_rejected += 1
+        elif seg.iteration > self.iteration:
             self._held.append(r)
         elif seg.iteration < self.iteration or lag > self.loop.max_staleness:
             # Collected for an iteration already trained, or by a policy too old to correct for.
@@ -231,6 +241,7 @@ class Learner:
                 "time/publish_s": t4 - t3,
                 "rollout/policy_version": float(self.policy_version),
                 "rollout/stale_segments_dropped": float(self.stale_dropped),
+                "rollout/foreign_segments_rejected": float(self.foreign_rejected),
                 "rollout/duplicate_segments_dropped": float(self.duplicates_dropped),
                 "rollout/policy_lag": float(
                     sum(self.policy_version - 1 - s.policy_version for s in segments)

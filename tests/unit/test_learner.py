@@ -271,7 +271,7 @@ def test_gather_holds_later_iterations_and_drops_stale_and_duplicate_segments():
     learner = _learner(buffer, segments_per_iteration=2, max_staleness=1)
     learner.iteration = learner.policy_version = 3
     buffer.put(make_segment(0, iteration=2))  # an iteration already trained: dropped
-    buffer.put(make_segment(1, iteration=4))  # the next iteration: held
+    buffer.put(make_segment(1, iteration=4, policy_version=3))  # the next iteration: held
     buffer.put(make_segment(2, iteration=3, policy_version=1))  # 2 versions behind: dropped
     buffer.put(make_segment(3, iteration=3, policy_version=2))  # 1 behind: allowed
     buffer.put(make_segment(4, iteration=3, segment_id="run-env0-3-3"))  # same id: dropped
@@ -394,3 +394,17 @@ def test_resume_dir_starts_a_new_run_from_another_runs_checkpoint(tmp_path):
     assert resume_source(tmp_path / "second", str(tmp_path / "first")).name == "global_step_6"
     with pytest.raises(ValueError, match="is not a checkpoint"):
         resume_source(tmp_path / "third", str(tmp_path / "missing"))
+
+
+def test_gather_rejects_segments_of_a_policy_version_never_published():
+    """A segment stamped with a version the learner has not published (a foreign push of version
+    1000 to a rollout server was trained on) goes to the dead letters with the reason."""
+    buffer = from_url("memory://", stream="gather-foreign", group="learner")
+    learner = _learner(buffer, segments_per_iteration=1)
+    learner.iteration = learner.policy_version = 3
+    buffer.put(make_segment(0, iteration=3, policy_version=1000))
+    buffer.put(make_segment(1, iteration=3))
+    got = learner.gather()
+    assert [r.segment.segment_id for r in got] == ["run-env0-3-1"]
+    assert learner.foreign_rejected == 1 and buffer.dead_letters() == 1
+    assert buffer.pending() == 1  # the taken one; the rejected one is acked

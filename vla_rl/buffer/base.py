@@ -70,6 +70,11 @@ class TrajectoryBuffer(ABC):
         """
 
     @abstractmethod
+    def reject(self, received: Received, reason: str) -> None:
+        """Move a taken segment the consumer refuses to use (a policy version that was never
+        published, ...) to the dead-letter stream with `reason`; it counts as acked."""
+
+    @abstractmethod
     def pending(self) -> int:
         """Entries delivered to this consumer group and not yet acked (all its consumers)."""
 
@@ -273,6 +278,18 @@ class ConsumerGroupBuffer(TrajectoryBuffer):
                 if seg is not None and self._inflight_segments.get(seg) == e:
                     del self._inflight_segments[seg]
         return acked
+
+    def reject(self, received: Received, reason: str) -> None:
+        self._ensure_group()
+        fields = {
+            _FIELD_SEGMENT_ID: received.segment.segment_id.encode(),
+            _FIELD_DATA: encode_segment(received.segment),
+        }
+        self._reject(received.entry_id, fields, reason)
+        with self._state_lock:
+            seg = self._inflight.pop(received.entry_id, None)
+            if seg is not None and self._inflight_segments.get(seg) == received.entry_id:
+                del self._inflight_segments[seg]
 
     # -- shared logic -----------------------------------------------------------------------
 
