@@ -80,11 +80,17 @@ def _eval(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown split(s) {unknown}; known: {list(SPLITS)}", file=sys.stderr)
         return 2
+    from vla_rl.launch import sigterm_as_interrupt
+
     try:
-        run(args.config, args.overrides, args.adapter, splits, args.episodes, args.out)
+        with sigterm_as_interrupt():  # a `kill` stops its services as Ctrl-C does
+            run(args.config, args.overrides, args.adapter, splits, args.episodes, args.out)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: every service stopped", file=sys.stderr)
+        return 130
     return 0
 
 

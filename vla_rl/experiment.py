@@ -219,12 +219,14 @@ def rl_overrides(
     )  # fmt: skip
     decisions = decisions_per_iteration(s)
     batch = max(1, decisions // mini_batches)
+    # The learner needs global_batch_size to be a multiple of micro_batch_size.
+    micro = max(d for d in range(1, min(micro_batch, batch) + 1) if batch % d == 0)
     return [
         *algo,
         f"algorithm.update_epoch={update_epochs}",
         f"actor.optim.lr={lr}",
         f"actor.global_batch_size={batch}",
-        f"actor.micro_batch_size={min(micro_batch, batch)}",
+        f"actor.micro_batch_size={micro}",
         f"rollout.sampling_params.temperature_train={temperature}",
     ]
 
@@ -292,22 +294,29 @@ def run_experiment(args: argparse.Namespace) -> dict:
         eval_videos=args.videos, work=str(out),
     )  # fmt: skip
     recipe = BaseRecipe(
-        task=args.task, model=args.model, chunk=args.chunk, demos=args.demos, bc_steps=args.bc_steps, bc_batch=args.bc_batch, bc_lr=args.bc_lr,
-        seed=args.seed,
+        task=args.task, model=args.model, chunk=args.chunk, demos=args.demos,
+        bc_steps=args.bc_steps, bc_batch=args.bc_batch, bc_lr=args.bc_lr, seed=args.seed,
     )  # fmt: skip
     t0 = time.monotonic()
-    base = ensure_base(recipe, Path(args.cache) / f"{args.task}_{args.model}", args.device)
-    out.mkdir(parents=True, exist_ok=True)
-    before = eval_table(setup, str(base), out / "base_eval", None, args.splits, args.eval_episodes)
-
+    cache = Path(args.cache) / f"{args.task}_{args.model}"
     run_dir = out / "train"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = ["train", *model_overrides(setup, str(base)), *env_overrides(setup),
+    cmd = ["train", *model_overrides(setup, str(cache / "base")), *env_overrides(setup),
            *rl_overrides(setup, args.algorithm, args.group_size, args.lr, args.update_epochs,
                          args.mini_batches, args.micro_batch, args.temperature),
            f"runner.logger.log_path={out}", "runner.logger.experiment_name=train",
            f"runner.max_epochs={args.iterations}", f"runner.val_check_interval={args.eval_every}",
            f"runner.save_interval={args.save_every}", f"runner.seed={args.seed}"]  # fmt: skip
+    # The training config is checked before minutes go into the base and its evaluation.
+    check = subprocess.run(
+        [sys.executable, "-m", "vla_rl.cli", *cmd, "--print-config"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    if check.returncode != 0:
+        raise SystemExit(f"the training config is refused: {check.stderr.strip()}")
+    base = ensure_base(recipe, cache, args.device)
+    out.mkdir(parents=True, exist_ok=True)
+    before = eval_table(setup, str(base), out / "base_eval", None, args.splits, args.eval_episodes)
+    shutil.rmtree(run_dir, ignore_errors=True)
     deadline = args.minutes * 60 if args.minutes else None
     if run_cli(*cmd, log=out / "train.log", deadline_s=deadline) != 0:
         raise SystemExit(f"vla-rl train failed; see {out / 'train.log'}")

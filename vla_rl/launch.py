@@ -15,8 +15,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +78,12 @@ class Launch:
         return child
 
     def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM to every child (last started first), SIGKILL after `grace_s`. Signals to this
+        process are ignored meanwhile: a second Ctrl-C must not leave children behind."""
+        with signals_ignored():
+            self._stop(grace_s)
+
+    def _stop(self, grace_s: float) -> None:
         for child in reversed(self.children):
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
@@ -98,6 +105,38 @@ class Launch:
                 raise RuntimeError(f"{child.name} exited with code {code}:\n{tail}")
 
 
+@contextmanager
+def signals_ignored() -> Iterator[None]:
+    """SIGINT and SIGTERM ignored inside (main thread only: elsewhere signals cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt in the main thread, so `kill` (or a pod's termination)
+    stops every service the way Ctrl-C does (it used to leave them all running)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _device_of(spec: list[int] | str) -> str:
     return "cpu" if spec == "cpu" else "cuda"
 
@@ -117,11 +156,28 @@ def tiny_model_spec(cfg: TrainConfig) -> dict | None:
     }
 
 
+def check_checkpoint_dir(model_path: str) -> None:
+    """ConfigError naming actor.model.model_path unless it is a directory with a readable
+    config.json: one clear line before any service starts (a bad path used to surface as a
+    rollout server's traceback after the health wait)."""
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        raise ConfigError(
+            "actor.model.model_path",
+            f"{model_path} is not a checkpoint directory (no config.json there)",
+        )
+    try:
+        json.loads(config.read_text())
+    except (ValueError, OSError) as e:
+        raise ConfigError("actor.model.model_path", f"{config} cannot be read: {e}") from None
+
+
 def prepare_model(cfg: TrainConfig, run_dir: Path) -> str:
     """The checkpoint every service loads: the configured one, or a tiny random one written once
     per run directory (rollout and learner must start from identical base weights)."""
     spec = tiny_model_spec(cfg)
     if spec is None:
+        check_checkpoint_dir(cfg.actor.model.model_path)
         return cfg.actor.model.model_path
     path = run_dir / "tiny_model"
     if not (path / "config.json").exists():
@@ -355,13 +411,26 @@ def launch_plan(
 
 
 def wait_until_healthy(launch: Launch, timeout_s: float = 300) -> None:
-    """Wait for every started gRPC service to report SERVING; a child that died is an error."""
+    """Wait for every started gRPC service to report SERVING. A child that dies meanwhile is
+    reported at once with its log's last lines (it used to surface only after `timeout_s`)."""
     from vla_rl.rpc.client import wait_for_health
 
-    for child in launch.children:
-        if child.target:
-            wait_for_health(child.target, timeout_s=timeout_s)
-            launch.check_alive()
+    deadline = time.monotonic() + timeout_s
+    waiting = [c for c in launch.children if c.target]
+    while waiting:
+        launch.check_alive()
+        remaining = deadline - time.monotonic()
+        try:
+            wait_for_health(waiting[0].target, timeout_s=max(0.1, min(2.0, remaining)))
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{waiting[0].name} did not report SERVING within {timeout_s:.0f} s; "
+                    f"see {waiting[0].log_path}"
+                ) from None
+            continue
+        waiting.pop(0)
+    launch.check_alive()
 
 
 def train(config_path: str | None, overrides: list[str], num_gpus: int | None = None) -> int:
@@ -374,7 +443,14 @@ def train(config_path: str | None, overrides: list[str], num_gpus: int | None = 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     launch = Launch(run_dir)
+    with sigterm_as_interrupt():
+        return _train(cfg, launch, num_gpus)
+
+
+def _train(cfg: TrainConfig, launch: Launch, num_gpus: int) -> int:
     from vla_rl.training.checkpoints import read_state, resume_source
+
+    run_dir = launch.run_dir
 
     try:
         resume = resume_source(cfg.actor.checkpoint_dir, cfg.runner.resume_dir)

@@ -420,3 +420,39 @@ def test_serve_until_signal_stops_gracefully_on_sigterm(tmp_path):
             proc.wait()
     out = proc.stdout.read()
     assert "on_stop" in out and f"signal {int(signal.SIGTERM)}" in out
+
+
+def test_a_second_signal_cancels_calls_in_flight_and_still_stops_cleanly(tmp_path):
+    """SIGTERM starts the 3 s grace; a second signal (SIGINT: a user's Ctrl-C) cancels the call
+    still running before the grace ends, and the server stops with on_stop run, no deadlock, exit
+    code 0 (once the handler's thread, which nothing can interrupt, returns)."""
+    script = tmp_path / "server.py"
+    script.write_text(_SIGTERM_SERVER)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env, cwd=REPO
+    )
+    try:
+        port = int(proc.stdout.readline())
+        target = f"127.0.0.1:{port}"
+        wait_for_health(target, service=LEARNER_SERVICE, timeout_s=30)
+        with make_channel(target) as channel:
+            stub = learner_pb2_grpc.LearnerServiceStub(channel)
+            slow = stub.GetStatus.future(
+                learner_pb2.LearnerStatusRequest(), timeout=30, metadata=(("sleep", "5"),)
+            )
+            time.sleep(0.3)
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            with pytest.raises(grpc.RpcError):
+                slow.result()
+            assert time.monotonic() - start < 2.5  # cancelled before the 3 s grace ran out
+            assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = proc.stdout.read()
+    assert "on_stop" in out and f"signal {int(signal.SIGTERM)}" in out

@@ -76,11 +76,14 @@ def serve_until_signal(
     """
     received: list[int] = []
     stopping = threading.Event()
+    cancel = threading.Event()
 
+    # The handler only records the signal: calling into grpc from a signal handler, while the
+    # main thread it interrupted may be inside grpc itself (server.stop takes the server's lock),
+    # can deadlock. The main thread acts on it.
     def on_signal(signum: int, _frame: object) -> None:
         if stopping.is_set():
-            logger.warning("second %s: cancelling calls in flight", signal.Signals(signum).name)
-            server.stop(None)
+            cancel.set()
             return
         received.append(signum)
         stopping.set()
@@ -96,7 +99,12 @@ def serve_until_signal(
         health_servicer = _HEALTH.get(server)
         if health_servicer is not None:
             health_servicer.enter_graceful_shutdown()
-        server.stop(grace_s).wait()
+        done = server.stop(grace_s)
+        while not done.wait(0.1):
+            if cancel.is_set():
+                logger.warning("second signal: cancelling calls in flight")
+                server.stop(None)
+                cancel.clear()
         if on_stop is not None:
             on_stop()
         logger.info("gRPC server stopped")

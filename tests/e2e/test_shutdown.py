@@ -1,0 +1,149 @@
+"""Start-up and shutdown of `vla-rl train` as a user meets them (issue 10 §3): SIGTERM stops every
+service as Ctrl-C does, a second Ctrl-C during the shutdown cannot leave children behind, and a
+service that dies at start-up is reported at once with its log (not after the 300 s health wait).
+Real processes: the launcher, a redis-server, a rollout server, an env server and the learner."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = [
+    "env.train.total_num_envs=2",
+    "env.train.max_episode_steps=4",
+    "env.train.max_steps_per_rollout_epoch=4",
+    "actor.micro_batch_size=4",
+    "actor.global_batch_size=8",
+]
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _port_free(target: str) -> bool:
+    host, port = target.rsplit(":", 1)
+    with socket.socket() as s:
+        try:
+            s.bind((host, int(port)))
+        except OSError:
+            return False
+    return True
+
+
+def _start(tmp_path: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vla_rl.cli", "train", f"runner.logger.log_path={tmp_path}",
+         "runner.logger.experiment_name=run", *TINY, *overrides],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def _wait_for_line(proc: subprocess.Popen, needle: str, timeout_s: float) -> str:
+    seen = []
+    deadline = time.monotonic() + timeout_s
+    os.set_blocking(proc.stdout.fileno(), False)
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line:
+            seen.append(line)
+            if needle in line:
+                return "".join(seen)
+        elif proc.poll() is not None:
+            break
+        else:
+            time.sleep(0.1)
+    raise AssertionError(f"no {needle!r} within {timeout_s} s:\n{''.join(seen)[-3000:]}")
+
+
+@pytest.mark.slow
+def test_sigterm_then_ctrl_c_during_shutdown_stops_every_service(tmp_path):
+    proc = _start(tmp_path, "runner.max_epochs=1000")
+    try:
+        _wait_for_line(proc, "iter    1/1000", timeout_s=300)
+        children = _descendants(proc.pid)
+        assert len(children) >= 3  # rollout server, env server, learner (and redis-server)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)  # a second, impatient Ctrl-C while services stop
+        assert proc.wait(timeout=60) == 130
+        out = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "interrupted: stopping every service" in out
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in children if _alive(p)], "a service outlived vla-rl train"
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    for target in config["rollout"]["addresses"]:
+        assert _port_free(target), f"{target} is still bound"
+
+
+@pytest.mark.slow
+def test_a_service_that_dies_at_start_up_is_reported_at_once(tmp_path):
+    """A rollout server that cannot build its model exits at once; the launcher says which
+    service died, with its log's last lines, within seconds (it used to wait out the 300 s
+    health timeout)."""
+    bad = tmp_path / "not_a_model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")  # readable, but no model in it
+    start = time.monotonic()
+    proc = _start(tmp_path, "runner.max_epochs=1", f"actor.model.model_path={bad}")
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode != 0
+    assert "rollout0 exited with code" in out, out[-3000:]
+    assert "Traceback" in out  # the log's last lines come with it
+    assert time.monotonic() - start < 120
+
+
+@pytest.mark.parametrize("content", [None, "{ not json"])
+def test_a_missing_or_unreadable_model_path_is_one_line_before_anything_starts(tmp_path, content):
+    model = tmp_path / "model"
+    if content is not None:
+        model.mkdir()
+        (model / "config.json").write_text(content)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vla_rl.cli", "train", f"runner.logger.log_path={tmp_path}",
+         f"actor.model.model_path={model}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.startswith("config error: actor.model.model_path") and str(model) in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("logs"))  # no service was started
