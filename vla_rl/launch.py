@@ -433,21 +433,59 @@ def wait_until_healthy(launch: Launch, timeout_s: float = 300) -> None:
     launch.check_alive()
 
 
+def start_task_check(cfg: TrainConfig) -> subprocess.Popen:
+    """Check env.train/env.eval task ids (with their task modules) in a subprocess, beside the
+    rest of the start-up: it imports ManiSkill, which takes seconds."""
+    lists = {
+        f"env.{name}.task_ids": {"tasks": list(env.task_ids), "modules": list(env.task_modules)}
+        for name, env in (("train", cfg.env.train), ("eval", cfg.env.eval))
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.env_server.tasks", json.dumps(lists)],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+        )),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def finish_task_check(check: subprocess.Popen) -> None:
+    """ConfigError naming the task list when the check failed (an unknown task used to surface
+    only when the env servers were asked to collect, after the model had loaded)."""
+    _, err = check.communicate()
+    if check.returncode != 0:
+        key, _, reason = (
+            err.strip().splitlines()[-1].partition(": ") if err.strip() else ("", "", "")
+        )
+        if key.startswith("env.") and reason:
+            raise ConfigError(key, reason)
+        raise RuntimeError(f"the task check failed (exit {check.returncode}): {err.strip()}")
+
+
 def train(config_path: str | None, overrides: list[str], num_gpus: int | None = None) -> int:
     cfg = load_config(config_path, overrides)  # every config error surfaces before any start
+    check = start_task_check(cfg)
     if num_gpus is None:
         import torch
 
         num_gpus = torch.cuda.device_count()
-    cfg.cluster.resolve(num_gpus)  # a placement this machine cannot satisfy fails here
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    launch = Launch(run_dir)
-    with sigterm_as_interrupt():
-        return _train(cfg, launch, num_gpus)
+    try:
+        cfg.cluster.resolve(num_gpus)  # a placement this machine cannot satisfy fails here
+        run_dir = Path(cfg.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        launch = Launch(run_dir)
+        with sigterm_as_interrupt():
+            return _train(cfg, launch, num_gpus, check)
+    finally:
+        if check.poll() is None:
+            check.kill()
+            check.wait()
 
 
-def _train(cfg: TrainConfig, launch: Launch, num_gpus: int) -> int:
+def _train(cfg: TrainConfig, launch: Launch, num_gpus: int, check: subprocess.Popen) -> int:
     from vla_rl.training.checkpoints import read_state, resume_source
 
     run_dir = launch.run_dir
@@ -458,6 +496,7 @@ def _train(cfg: TrainConfig, launch: Launch, num_gpus: int) -> int:
         raise ConfigError("runner.resume_dir", str(e)) from None
     try:
         model_path = prepare_model(cfg, run_dir)
+        finish_task_check(check)  # before the buffer or any service starts
         plan = launch_plan(
             cfg,
             num_gpus,

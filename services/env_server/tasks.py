@@ -115,3 +115,34 @@ def resolve_task(task_id: str) -> tuple[str | None, int | None]:
 def _known(registry: dict) -> list[str]:
     own = [t for t, spec in registry.items() if hasattr(spec.cls, "get_language_instruction")]
     return sorted(set(_TASK_INSTRUCTIONS) | set(own))
+
+
+def check_task_lists(lists: dict[str, dict[str, list[str]]]) -> list[str]:
+    """{config key: {"tasks": [...], "modules": [...]}} -> one "key: reason" line per task that
+    cannot be built or instructed (empty when all can)."""
+    errors = []
+    for key, spec in lists.items():
+        try:
+            import_task_modules(spec.get("modules", []))
+            for task_id in spec["tasks"]:
+                resolve_task(task_id)
+        except ValueError as e:
+            errors.append(f"{key}: {e}")
+    return errors
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m services.env_server.tasks '<json>'`: the launcher's check of a config's task
+    lists before it starts anything (exit 2 with one line per bad list). A separate process so
+    the launcher need not import ManiSkill, and runs beside its other start-up work."""
+    import json
+    import sys
+
+    errors = check_task_lists(json.loads((argv or sys.argv[1:])[0]))
+    if errors:
+        print("\n".join(errors), file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -147,3 +147,22 @@ def test_a_missing_or_unreadable_model_path_is_one_line_before_anything_starts(t
     )
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("logs"))  # no service was started
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("env.train.task_ids=[PushCube-v9]", "env.train.task_ids"),
+        ("env.eval.task_ids=[NoSuchTask-v1]", "env.eval.task_ids"),
+    ],
+)
+def test_an_unknown_task_is_a_config_error_before_anything_starts(tmp_path, override, key):
+    proc = subprocess.run(
+        [sys.executable, "-m", "vla_rl.cli", "train", f"runner.logger.log_path={tmp_path}",
+         override],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith(f"config error: {key}") and "unknown task" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("logs"))  # no service was started
