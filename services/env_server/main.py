@@ -9,7 +9,7 @@ import socket
 
 from vla_rl.rpc import ENV_SERVICE
 from vla_rl.rpc.gen.v1 import env_pb2_grpc
-from vla_rl.rpc.server import add_health_and_reflection, make_server, serve_until_signal
+from vla_rl.rpc.server import add_health_and_reflection, bind, make_server, serve_until_signal
 
 from .servicer import EnvServicer
 
@@ -34,8 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     env_pb2_grpc.add_EnvServiceServicer_to_server(servicer, server)
     add_health_and_reflection(server, [ENV_SERVICE])
     address = f"{args.host}:{args.port}"
-    if server.add_insecure_port(address) == 0:
-        raise SystemExit(f"env server: cannot bind {address}")
+    bind(server, address, "env server")
     server.start()
     log.info("env server %s listening on %s", servicer.server_id, address)
     serve_until_signal(server, args.grace_s, on_stop=servicer.stop)

@@ -26,7 +26,7 @@ from vla_rl.models.lora import LoRASettings, apply_lora
 from vla_rl.rpc import LEARNER_SERVICE
 from vla_rl.rpc.gen.v1 import learner_pb2, learner_pb2_grpc
 from vla_rl.rpc.rollout_client import RolloutClient
-from vla_rl.rpc.server import add_health_and_reflection, make_server, map_errors
+from vla_rl.rpc.server import add_health_and_reflection, bind, make_server, map_errors
 from vla_rl.training.distributed import cleanup, init_distributed, shard_policy
 from vla_rl.training.update import PPOUpdateConfig, make_optimizer
 
@@ -245,6 +245,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(plan.seed)
     if not plan.model_path:
         raise SystemExit("learner: actor.model.model_path must name a checkpoint directory")
+    server = None
+    if info.is_main:  # listen before the model loads: a taken port costs seconds
+        server = make_server(max_workers=4)
+        bind(server, f"{args.host}:{args.port}", "learner")
     policy = load_policy(plan.model_path, dtype=_DTYPES[plan.precision], device=device)
     check_model(policy, plan)
     apply_lora(policy, plan.lora)
@@ -254,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     shard_policy(policy, reshard_after_forward=plan.reshard_after_forward)
     optimizer = make_optimizer(policy, **plan.optimizer)
     # Only rank 0 talks to the buffer, the rollout replicas, TensorBoard and status clients.
-    buffer = publish = server = None
+    buffer = publish = None
     clients = []
     log_metrics = lambda m, step: None  # noqa: E731
     close_loggers = lambda: None  # noqa: E731
@@ -277,12 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     if learner.resume():
         learner.publish_current()
 
-    if info.is_main:
-        server = make_server(max_workers=4)
+    if server is not None:
         learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(learner), server)
         add_health_and_reflection(server, [LEARNER_SERVICE])
-        if server.add_insecure_port(f"{args.host}:{args.port}") == 0:
-            raise SystemExit(f"learner: cannot bind {args.host}:{args.port}")
         server.start()
 
     stop = threading.Event()

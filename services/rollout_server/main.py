@@ -9,7 +9,7 @@ from vla_rl.config.schema import ENGINES, PRECISIONS, RolloutConfig
 from vla_rl.models import ActionNormalizer, read_config
 from vla_rl.rpc import ROLLOUT_SERVICE
 from vla_rl.rpc.gen.v1 import rollout_pb2_grpc
-from vla_rl.rpc.server import add_health_and_reflection, make_server, serve_until_signal
+from vla_rl.rpc.server import add_health_and_reflection, bind, make_server, serve_until_signal
 
 from .batcher import DynamicBatcher
 from .servicer import RolloutServicer
@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rollout %(levelname)s %(message)s")
     args = parse_args(argv)
+    server = make_server()
+    address = f"{args.host}:{args.port}"
+    bind(server, address, "rollout server")  # before the model loads
     config = read_config(args.checkpoint)
     normalizer = ActionNormalizer.from_norm_stats(config.norm_stats, args.unnorm_key)
     engine = build_engine(args)
@@ -78,12 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         base_model_id=args.base_model_id or str(args.checkpoint),
         action_dim=int(config.action_dim),
     )
-    server = make_server()
     rollout_pb2_grpc.add_RolloutServiceServicer_to_server(servicer, server)
     add_health_and_reflection(server, [ROLLOUT_SERVICE])
-    address = f"{args.host}:{args.port}"
-    if server.add_insecure_port(address) == 0:
-        raise SystemExit(f"rollout server: cannot bind {address}")
     server.start()
     log.info("serving %s engine on %s (policy version %d)", engine.name, address, 0)
 

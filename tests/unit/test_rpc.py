@@ -456,3 +456,26 @@ def test_a_second_signal_cancels_calls_in_flight_and_still_stops_cleanly(tmp_pat
             proc.wait()
     out = proc.stdout.read()
     assert "on_stop" in out and f"signal {int(signal.SIGTERM)}" in out
+
+
+@pytest.mark.parametrize("module", ["services.env_server.main", "services.rollout_server.main"])
+def test_a_port_in_use_is_one_clear_line(tmp_path, module):
+    """Another gRPC server already listens on the port (grpc's so_reuseport would have let both
+    listen, sharing the calls): the service exits at once with one line naming the address,
+    before it loads any model (the rollout server's checkpoint here does not even exist)."""
+    other = make_server(1)
+    port = other.add_insecure_port("127.0.0.1:0")
+    other.start()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", module, "--port", str(port),
+             *(["--checkpoint", str(tmp_path / "none")] if "rollout" in module else [])],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+    finally:
+        other.stop(None)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"cannot listen on 127.0.0.1:{port}" in last and "in use" in last
+    assert "Traceback" not in proc.stderr

@@ -47,6 +47,21 @@ def make_server(max_workers: int = 16, *, options: Mapping[str, Any] | None = No
     )
 
 
+def bind(server: grpc.Server, address: str, service: str) -> int:
+    """Listen on `address` (host:port; port 0 = any), or exit with one line naming the service
+    and the address. grpcio raises RuntimeError when the port is taken (with so_reuseport off);
+    it never returns 0, so the old `add_insecure_port(...) == 0` checks could not fire. Bind
+    before loading a model, so a taken port costs seconds, not a model load."""
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise SystemExit(f"{service}: cannot listen on {address} (the port is in use, or the host "
+                         "is not an address of this machine)")  # fmt: skip
+    return port
+
+
 def add_health_and_reflection(
     server: grpc.Server, service_names: Iterable[str]
 ) -> health.HealthServicer:
