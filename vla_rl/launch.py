@@ -284,12 +284,20 @@ def rollout_server_args(cfg: TrainConfig, model_path: str, port: int, device: st
 
 
 def collection_request(
-    cfg: TrainConfig, server_index: int, rollout_target: str, start_iteration: int
+    cfg: TrainConfig,
+    server_index: int,
+    rollout_target: str,
+    start_iteration: int,
+    attempt: str = "",
 ) -> dict:
-    """StartCollectionRequest fields for env server `server_index` (env.train)."""
+    """StartCollectionRequest fields for env server `server_index` (env.train). `attempt` makes
+    segment ids unique per launch of the same experiment: a rerun that starts again at an
+    iteration the stream has already seen (no checkpoint) used to produce ids Redis had acked,
+    which were dropped as duplicates while the learner waited for them forever."""
     train = cfg.env.train
+    name = cfg.runner.logger.experiment_name
     return dict(
-        run_id=cfg.runner.logger.experiment_name,
+        run_id=f"{name}.{attempt}" if attempt else name,
         task_ids=list(train.task_ids),
         num_envs=train.total_num_envs // train.num_servers,
         sim_backend=train.sim_backend,
@@ -351,6 +359,7 @@ def launch_plan(
     buffer_url: str,
     start_iteration: int = 0,
     port: Callable[[], int] = free_port,
+    attempt: str = "",
 ) -> LaunchPlan:
     """The services of one run on this machine, placed per cluster.component_placement."""
     cfg = copy.deepcopy(cfg)
@@ -396,9 +405,11 @@ def launch_plan(
                      "--device", _device_of(placement["actor"])]  # fmt: skip
     addresses = cfg.rollout.addresses
     collection = [
-        collection_request(cfg, i, addresses[i % len(addresses)], start_iteration)
+        collection_request(cfg, i, addresses[i % len(addresses)], start_iteration, attempt)
         for i in range(len(env))
     ]
+    if attempt:  # the learner trains only on this launch's segments
+        learner_args += ["--run-id", collection[0]["run_id"]]
     return LaunchPlan(
         config=cfg,
         rollout=rollout,
@@ -503,6 +514,7 @@ def _train(cfg: TrainConfig, launch: Launch, num_gpus: int, check: subprocess.Po
             model_path=model_path,
             buffer_url=start_buffer(cfg, launch),
             start_iteration=read_state(resume).iteration if resume else 0,
+            attempt=time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}",
         )
         cfg = plan.config
         py = sys.executable

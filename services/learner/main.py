@@ -237,9 +237,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50053)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--run-id", default="",
+                   help="train only on segments of this run id (this launch); others are "
+                        "acknowledged and counted as from an earlier launch")  # fmt: skip
     args = p.parse_args(argv)
     cfg = load_config(args.config, [])
     plan = learner_plan(cfg)
+    plan.loop.run_id = args.run_id
     info = init_distributed(plan.dist_backend)
     device = info.device if info.world_size > 1 else torch.device(args.device)
     torch.manual_seed(plan.seed)

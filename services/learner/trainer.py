@@ -68,6 +68,10 @@ class LoopSettings:
     dropped (and counted) instead of trained on."""
     wait_log_s: float = 30.0
     """Log a line while waiting longer than this for segments."""
+    run_id: str = ""
+    """Train only on segments of this run id (one launch of the run); "" accepts any. Policy
+    version numbers restart with every launch that starts from the same checkpoint, so a
+    segment of an earlier launch with a matching version may come from other weights."""
 
 
 class Learner:
@@ -101,6 +105,7 @@ class Learner:
         self._held: list[Received] = []  # segments of a later iteration (max_staleness > 0)
         self.stale_dropped = 0
         self.foreign_rejected = 0  # segments of a policy version never published: dead letters
+        self.earlier_launch_dropped = 0
         self.duplicates_dropped = 0
         self.main = is_main()
 
@@ -173,7 +178,10 @@ class Learner:
         """Put one received segment where it belongs: this iteration, held, or dropped."""
         seg = r.segment
         lag = self.policy_version - seg.policy_version
-        if lag < 0:
+        if self.loop.run_id and seg.run_id != self.loop.run_id:
+            self.buffer.ack([r.entry_id])  # left in the stream by an earlier launch
+            self.earlier_launch_dropped += 1
+        elif lag < 0:
             # Stamped with a version this learner never published: not from our policy (a
             # foreign push to a rollout server, or a stream shared by another run).
             self.buffer.reject(
@@ -242,6 +250,7 @@ class Learner:
                 "rollout/policy_version": float(self.policy_version),
                 "rollout/stale_segments_dropped": float(self.stale_dropped),
                 "rollout/foreign_segments_rejected": float(self.foreign_rejected),
+                "rollout/earlier_launch_segments_dropped": float(self.earlier_launch_dropped),
                 "rollout/duplicate_segments_dropped": float(self.duplicates_dropped),
                 "rollout/policy_lag": float(
                     sum(self.policy_version - 1 - s.policy_version for s in segments)

@@ -166,3 +166,30 @@ def test_an_unknown_task_is_a_config_error_before_anything_starts(tmp_path, over
     assert proc.stderr.startswith(f"config error: {key}") and "unknown task" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("logs"))  # no service was started
+
+
+@pytest.mark.slow
+def test_a_rerun_after_a_stop_without_checkpoint_finishes(tmp_path):
+    """Stopped after iteration 1 with no checkpoint written (save_interval -1: only at the end),
+    the same command run again starts at iteration 0 on the same Redis stream (AOF in the run
+    directory) and finishes. Segment ids used to repeat across launches: the rerun's were
+    dropped as duplicates of acked ones and the learner waited for segments forever."""
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    overrides = ("runner.max_epochs=3", "runner.save_interval=-1", "buffer.backend=redis")
+    first = _start(tmp_path, *overrides)
+    try:
+        _wait_for_line(first, "iter    1/3", timeout_s=300)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 130
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert not list((tmp_path / "run" / "checkpoints").glob("global_step_*"))
+    rerun = _start(tmp_path, *overrides)
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out[-3000:]
+    assert "iter    1/3" in out and "iter    3/3" in out
+    assert (tmp_path / "run" / "checkpoints" / "global_step_3").is_dir()
