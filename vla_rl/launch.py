@@ -502,7 +502,11 @@ def _train(cfg: TrainConfig, launch: Launch, num_gpus: int, check: subprocess.Po
     run_dir = launch.run_dir
 
     try:
-        resume = resume_source(cfg.actor.checkpoint_dir, cfg.runner.resume_dir)
+        resume = resume_source(
+            cfg.actor.checkpoint_dir,
+            cfg.runner.resume_dir,
+            warn=lambda message: print(f"vla-rl train: {message}", flush=True),
+        )
     except ValueError as e:
         raise ConfigError("runner.resume_dir", str(e)) from None
     try:

@@ -126,7 +126,7 @@ class Learner:
         returns whether one was loaded."""
         payload = optim = None
         if self.main:
-            path = resume_source(self.loop.checkpoint_dir, self.loop.resume_dir)
+            path = resume_source(self.loop.checkpoint_dir, self.loop.resume_dir, warn=log.warning)
             if path is not None:
                 state, blob, optim = read_checkpoint(path)
                 payload = (state, blob)

@@ -396,6 +396,32 @@ def test_resume_dir_starts_a_new_run_from_another_runs_checkpoint(tmp_path):
         resume_source(tmp_path / "third", str(tmp_path / "missing"))
 
 
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    """A truncated adapter in the newest checkpoint: the learner names the file, says it falls
+    back, and resumes from the previous intact checkpoint (it used to fail with a traceback that
+    named no file)."""
+    writer = _learner(from_url("memory://", stream="c1"), 1)
+    writer.loop.checkpoint_dir = tmp_path
+    for step in (4, 5):
+        writer.iteration = writer.policy_version = step
+        blob = serialize_adapter_distributed(writer.policy, step)
+        writer.save_checkpoint(blob, optimizer_state(writer.policy, writer.optimizer))
+    adapter = tmp_path / "global_step_5" / "adapter.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[: adapter.stat().st_size // 2])
+
+    warnings: list[str] = []
+    assert resume_source(tmp_path, None, warn=warnings.append).name == "global_step_4"
+    assert str(adapter) in warnings[0] and "falling back" in warnings[0]
+    resumed = _learner(from_url("memory://", stream="c2"), 1)
+    resumed.loop.checkpoint_dir = tmp_path
+    assert resumed.resume() and (resumed.iteration, resumed.policy_version) == (4, 4)
+
+    # With no intact checkpoint left, the error names the directory instead of starting over.
+    (tmp_path / "global_step_4" / "state.json").write_text("{")
+    with pytest.raises(ValueError, match="no intact checkpoint"):
+        resume_source(tmp_path, None)
+
+
 def test_gather_rejects_segments_of_a_policy_version_never_published():
     """A segment stamped with a version the learner has not published (a foreign push of version
     1000 to a rollout server was trained on) goes to the dead letters with the reason."""

@@ -88,12 +88,59 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
-def resume_source(checkpoint_dir: str | Path, resume_dir: str | None) -> Path | None:
-    """The checkpoint a (re)started learner continues from: this run's own latest one (a restart
-    after a crash), else `resume_dir` (runner.resume_dir: continue another run), else None."""
-    own = latest_checkpoint(checkpoint_dir)
-    if own is not None:
-        return own
+def check_checkpoint(path: str | Path) -> None:
+    """ValueError naming the file when a checkpoint directory cannot be read back whole: its
+    state, its adapter (every tensor of the safetensors file) and its optimizer state."""
+    path = Path(path)
+    try:
+        read_state(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path / STATE_FILE}: {e}") from None
+    try:
+        from safetensors.torch import load as load_safetensors
+
+        load_safetensors((path / ADAPTER_FILE).read_bytes())
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"{path / ADAPTER_FILE}: {e}") from None
+    try:
+        torch.load(path / OPTIMIZER_FILE, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a bad file
+        raise ValueError(f"{path / OPTIMIZER_FILE}: {e}") from None
+
+
+def own_checkpoints(root: str | Path) -> list[Path]:
+    """This run's checkpoint directories, newest first (`latest` first when it names one)."""
+    root = Path(root)
+    steps = sorted(
+        (p for p in root.glob(f"{PREFIX}*") if p.is_dir()),
+        key=lambda p: int(p.name.rsplit("_", 1)[1]),
+        reverse=True,
+    )
+    latest = latest_checkpoint(root)
+    if latest is not None and latest in steps:
+        steps.remove(latest)
+        steps.insert(0, latest)
+    return steps
+
+
+def resume_source(
+    checkpoint_dir: str | Path, resume_dir: str | None, warn: Any = None
+) -> Path | None:
+    """The checkpoint a (re)started learner continues from: this run's newest intact one (a
+    restart after a crash; an unreadable newer one is skipped, with `warn(message)` naming the
+    file), else `resume_dir` (runner.resume_dir: continue another run), else None."""
+    own = own_checkpoints(checkpoint_dir)
+    for i, path in enumerate(own):
+        try:
+            check_checkpoint(path)
+        except ValueError as e:
+            if warn is not None:
+                later = "the previous one" if i + 1 < len(own) else "none is left"
+                warn(f"checkpoint {path.name} is unusable ({e}); falling back: {later}")
+            continue
+        return path
+    if own:
+        raise ValueError(f"no intact checkpoint under {checkpoint_dir}; see the messages above")
     return resolve_checkpoint(resume_dir) if resume_dir else None
 
 
