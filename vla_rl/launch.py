@@ -102,7 +102,7 @@ class Launch:
             code = child.proc.poll()
             if code is not None and child.name != "learner":
                 tail = child.log_path.read_text(errors="replace")[-3000:] if child.log_path else ""
-                raise RuntimeError(f"{child.name} exited with code {code}:\n{tail}")
+                raise RuntimeError(f"{exit_reason(child.name, code)}:\n{tail}")
 
 
 @contextmanager
@@ -135,6 +135,16 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def exit_reason(name: str, code: int) -> str:
+    """'<name> exited with code N' or '<name> was killed by SIGKILL' (Popen's negative codes)."""
+    if code < 0:
+        try:
+            return f"{name} was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"{name} was killed by signal {-code}"
+    return f"{name} exited with code {code}"
 
 
 def _device_of(spec: list[int] | str) -> str:
@@ -564,7 +574,11 @@ def _train(cfg: TrainConfig, launch: Launch, num_gpus: int, check: subprocess.Po
             print(f"learning curve: {curve}", flush=True)
             print(f"done: TensorBoard logs in {run_dir / 'tensorboard'}, "
                   f"checkpoints in {cfg.actor.checkpoint_dir}", flush=True)  # fmt: skip
-        return code
+        else:
+            print(f"vla-rl train: {exit_reason('the learner', code)}; every service is being "
+                  f"stopped. A rerun resumes from the latest checkpoint in "
+                  f"{cfg.actor.checkpoint_dir}", file=sys.stderr, flush=True)  # fmt: skip
+        return code if code > 0 else 128 - code
     except KeyboardInterrupt:
         print("\ninterrupted: stopping every service", flush=True)
         return 130

@@ -193,3 +193,27 @@ def test_a_rerun_after_a_stop_without_checkpoint_finishes(tmp_path):
     assert rerun.returncode == 0, out[-3000:]
     assert "iter    1/3" in out and "iter    3/3" in out
     assert (tmp_path / "run" / "checkpoints" / "global_step_3").is_dir()
+
+
+@pytest.mark.slow
+def test_a_learner_killed_with_sigkill_is_reported_and_everything_stops(tmp_path):
+    """kill -9 of the learner used to end `vla-rl train` with no message at all."""
+    proc = _start(tmp_path, "runner.max_epochs=1000")
+    try:
+        _wait_for_line(proc, "iter    1/1000", timeout_s=300)
+        children = _descendants(proc.pid)
+        (learner,) = [
+            p for p in children
+            if b"services.learner.main" in Path(f"/proc/{p}/cmdline").read_bytes()
+        ]  # fmt: skip
+        os.kill(learner, signal.SIGKILL)
+        assert proc.wait(timeout=60) == 137
+        out = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "the learner was killed by SIGKILL" in out and "resumes from the latest" in out
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in children if _alive(p)], "a service outlived vla-rl train"
