@@ -391,17 +391,22 @@ _SIGTERM_SERVER = textwrap.dedent(
 )
 
 
-def test_serve_until_signal_stops_gracefully_on_sigterm(tmp_path):
+def _start_signal_server(tmp_path) -> tuple[subprocess.Popen, str]:
+    """_SIGTERM_SERVER as a subprocess, serving; returns it and its target."""
     script = tmp_path / "server.py"
     script.write_text(_SIGTERM_SERVER)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env, cwd=REPO
     )
+    target = f"127.0.0.1:{int(proc.stdout.readline())}"
+    wait_for_health(target, service=LEARNER_SERVICE, timeout_s=30)
+    return proc, target
+
+
+def test_serve_until_signal_stops_gracefully_on_sigterm(tmp_path):
+    proc, target = _start_signal_server(tmp_path)
     try:
-        port = int(proc.stdout.readline())
-        target = f"127.0.0.1:{port}"
-        wait_for_health(target, service=LEARNER_SERVICE, timeout_s=30)
         with make_channel(target) as channel:
             stub = learner_pb2_grpc.LearnerServiceStub(channel)
             in_flight = stub.GetStatus.future(
@@ -426,16 +431,8 @@ def test_a_second_signal_cancels_calls_in_flight_and_still_stops_cleanly(tmp_pat
     """SIGTERM starts the 3 s grace; a second signal (SIGINT: a user's Ctrl-C) cancels the call
     still running before the grace ends, and the server stops with on_stop run, no deadlock, exit
     code 0 (once the handler's thread, which nothing can interrupt, returns)."""
-    script = tmp_path / "server.py"
-    script.write_text(_SIGTERM_SERVER)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env, cwd=REPO
-    )
+    proc, target = _start_signal_server(tmp_path)
     try:
-        port = int(proc.stdout.readline())
-        target = f"127.0.0.1:{port}"
-        wait_for_health(target, service=LEARNER_SERVICE, timeout_s=30)
         with make_channel(target) as channel:
             stub = learner_pb2_grpc.LearnerServiceStub(channel)
             slow = stub.GetStatus.future(
