@@ -578,7 +578,7 @@ def _train(cfg: TrainConfig, launch: Launch, num_gpus: int, check: subprocess.Po
             print(f"vla-rl train: {exit_reason('the learner', code)}; every service is being "
                   f"stopped. A rerun resumes from the latest checkpoint in "
                   f"{cfg.actor.checkpoint_dir}", file=sys.stderr, flush=True)  # fmt: skip
-        return code if code > 0 else 128 - code
+        return code if code >= 0 else 128 - code
     except KeyboardInterrupt:
         print("\ninterrupted: stopping every service", flush=True)
         return 130
