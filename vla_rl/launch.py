@@ -121,20 +121,28 @@ def signals_ignored() -> Iterator[None]:
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt in the main thread, so `kill` (or a pod's termination)
-    stops every service the way Ctrl-C does (it used to leave them all running)."""
+    """The first SIGTERM or SIGINT raises KeyboardInterrupt in the main thread, so `kill` (or a
+    pod's termination) stops every service the way Ctrl-C does (SIGTERM used to leave them all
+    running); every later one is only acknowledged, so an impatient second Ctrl-C cannot
+    interrupt the shutdown (it used to raise inside the `except KeyboardInterrupt` path)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
+    def already_stopping(_signum: int, _frame: object) -> None:
+        print("vla-rl: already stopping every service, please wait", file=sys.stderr, flush=True)
+
     def interrupt(_signum: int, _frame: object) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, already_stopping)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def exit_reason(name: str, code: int) -> str:
