@@ -39,6 +39,7 @@ from vla_rl.experiment import (  # noqa: E402
     model_overrides,
     rl_overrides,
     run_cli,
+    setup_from_args,
 )
 from vla_rl.experiment import env_overrides as _env_overrides  # noqa: E402
 from vla_rl.experiment import eval_table as _eval_table  # noqa: E402
@@ -47,13 +48,7 @@ SPLITS = "train,vision,semantic,execution"
 
 
 def setup_of(args: argparse.Namespace) -> Setup:
-    return Setup(
-        task=args.task, model=args.model, chunk=args.chunk, device=args.device,
-        episode_steps=args.episode_steps, envs=args.envs, envs_per_server=args.envs_per_server,
-        reward_mode=args.reward_mode, ignore_terminations=args.ignore_terminations,
-        periodic_eval_episodes=args.periodic_eval_episodes, lora_rank=args.lora_rank,
-        work=args.work,
-    )  # fmt: skip
+    return setup_from_args(args, work=args.work)
 
 
 def env_overrides(args: argparse.Namespace) -> list[str]:

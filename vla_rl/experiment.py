@@ -101,6 +101,17 @@ class Setup:
     """Logs and the eval runs' directories."""
 
 
+def setup_from_args(args: argparse.Namespace, work: str, eval_videos: bool = False) -> Setup:
+    """The Setup of a command line that has Setup's flags (this module's, benchmarks/rl_gain.py)."""
+    return Setup(
+        task=args.task, model=args.model, chunk=args.chunk, device=args.device,
+        episode_steps=args.episode_steps, envs=args.envs, envs_per_server=args.envs_per_server,
+        reward_mode=args.reward_mode, ignore_terminations=args.ignore_terminations,
+        periodic_eval_episodes=args.periodic_eval_episodes, lora_rank=args.lora_rank,
+        eval_videos=eval_videos, work=work,
+    )  # fmt: skip
+
+
 def model_overrides(s: Setup, base: str) -> list[str]:
     oft = s.model == "openvlaoft"
     return [
@@ -286,13 +297,7 @@ def _pct(row: dict) -> str:
 
 def run_experiment(args: argparse.Namespace) -> dict:
     out = Path(args.out)
-    setup = Setup(
-        task=args.task, model=args.model, chunk=args.chunk, device=args.device,
-        episode_steps=args.episode_steps, envs=args.envs, envs_per_server=args.envs_per_server,
-        reward_mode=args.reward_mode, ignore_terminations=args.ignore_terminations,
-        periodic_eval_episodes=args.periodic_eval_episodes, lora_rank=args.lora_rank,
-        eval_videos=args.videos, work=str(out),
-    )  # fmt: skip
+    setup = setup_from_args(args, work=str(out), eval_videos=args.videos)
     recipe = BaseRecipe(
         task=args.task, model=args.model, chunk=args.chunk, demos=args.demos,
         bc_steps=args.bc_steps, bc_batch=args.bc_batch, bc_lr=args.bc_lr, seed=args.seed,

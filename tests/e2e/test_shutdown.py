@@ -53,6 +53,13 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _assert_all_exit(pids: set[int], within_s: float = 10) -> None:
+    deadline = time.monotonic() + within_s
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in pids if _alive(p)], "a service outlived vla-rl train"
+
+
 def _port_free(target: str) -> bool:
     host, port = target.rsplit(":", 1)
     with socket.socket() as s:
@@ -104,10 +111,7 @@ def test_sigterm_then_ctrl_c_during_shutdown_stops_every_service(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert "interrupted: stopping every service" in out
-    deadline = time.monotonic() + 10
-    while any(_alive(p) for p in children) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [p for p in children if _alive(p)], "a service outlived vla-rl train"
+    _assert_all_exit(children)
     config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     for target in config["rollout"]["addresses"]:
         assert _port_free(target), f"{target} is still bound"
@@ -213,7 +217,4 @@ def test_a_learner_killed_with_sigkill_is_reported_and_everything_stops(tmp_path
         if proc.poll() is None:
             proc.kill()
     assert "the learner was killed by SIGKILL" in out and "resumes from the latest" in out
-    deadline = time.monotonic() + 10
-    while any(_alive(p) for p in children) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [p for p in children if _alive(p)], "a service outlived vla-rl train"
+    _assert_all_exit(children)
