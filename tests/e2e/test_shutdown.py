@@ -61,8 +61,12 @@ def _assert_all_exit(pids: set[int], within_s: float = 10) -> None:
 
 
 def _port_free(target: str) -> bool:
+    """Nothing listens on `target`. SO_REUSEADDR: a server that closed its connections first
+    leaves them in TIME_WAIT on its port for a minute, which a plain bind also refuses; a
+    listening socket still makes this bind fail."""
     host, port = target.rsplit(":", 1)
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, int(port)))
         except OSError:
@@ -105,8 +109,9 @@ def test_sigterm_then_ctrl_c_during_shutdown_stops_every_service(tmp_path):
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)  # a second, impatient Ctrl-C while services stop
-        assert proc.wait(timeout=60) == 130
-        out = proc.stdout.read()
+        code = proc.wait(timeout=60)
+        out = proc.stdout.read() or ""
+        assert code == 130, out[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
