@@ -15,10 +15,15 @@ import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from vla_rl import security
 from vla_rl.config import TrainConfig, load_config
 from vla_rl.evaluation import EvalResult, evaluate
 from vla_rl.report import success_summary
+
+if TYPE_CHECKING:
+    from vla_rl.launch import Launch
 
 OOD_TASK_MODULE = "services.env_server.ood_tasks"
 OOD_VARIANTS: dict[str, tuple[str, ...]] = {
@@ -105,8 +110,7 @@ def run(
 ) -> dict[str, dict]:
     """Start a rollout server (loading `adapter`, if given) and env.eval.num_servers env servers,
     evaluate every split, write the table; returns its rows."""
-    from vla_rl.launch import Launch, launch_plan, prepare_model, wait_until_healthy
-    from vla_rl.rpc.rollout_client import RolloutClient
+    from vla_rl.launch import Launch
 
     cfg = load_config(config_path, overrides)
     if num_gpus is None:
@@ -116,6 +120,22 @@ def run(
     out = Path(out_dir or Path(cfg.run_dir) / "eval_table")
     out.mkdir(parents=True, exist_ok=True)
     launch = Launch(out)
+    with security.use(launch.credentials()):
+        return _run(cfg, launch, out, adapter, splits, episodes, num_gpus)
+
+
+def _run(
+    cfg: TrainConfig,
+    launch: Launch,
+    out: Path,
+    adapter: str | None,
+    splits: list[str],
+    episodes: int | None,
+    num_gpus: int,
+) -> dict[str, dict]:
+    from vla_rl.launch import launch_plan, prepare_model, wait_until_healthy
+    from vla_rl.rpc.rollout_client import RolloutClient
+
     try:
         model_path = prepare_model(cfg, out)
         plan = launch_plan(cfg, num_gpus, model_path=model_path, buffer_url="memory://unused")

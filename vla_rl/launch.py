@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vla_rl import security
 from vla_rl.config import ConfigError, TrainConfig, dump_yaml, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +51,17 @@ class Launch:
     child_env: dict[str, str] = field(default_factory=dict)
     """Set in every child's environment (secrets such as the memory buffer's key: never on a
     command line, where `ps` shows them)."""
+
+    def credentials(self, *, local_redis: bool = False) -> security.Credentials:
+        """This run's credentials (security.for_run): the environment's, with a fresh token and
+        Redis password where none is set, handed to every child started after this call. A
+        malformed credential variable exits with one line naming it."""
+        try:
+            creds, child_env = security.for_run(os.environ, local_redis=local_redis)
+        except security.CredentialsError as e:
+            raise SystemExit(f"credentials: {e}") from None
+        self.child_env.update(child_env)
+        return creds
 
     def start(
         self,
@@ -231,8 +243,9 @@ def start_buffer(cfg: TrainConfig, launch: Launch) -> str:
         data.mkdir(parents=True, exist_ok=True)
         launch.start(
             "redis",
-            [redis_bin, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
-             "--appendonly", "yes", "--save", "", "--maxmemory-policy", "noeviction"],
+            [redis_bin, str(write_redis_acl(data)), "--port", str(port), "--bind", "127.0.0.1",
+             "--dir", str(data), "--appendonly", "yes", "--save", "",
+             "--maxmemory-policy", "noeviction"],
         )  # fmt: skip
         url = f"redis://127.0.0.1:{port}/0"
         _wait_redis(url)
@@ -246,10 +259,31 @@ def start_buffer(cfg: TrainConfig, launch: Launch) -> str:
     return launch.memory_server.url
 
 
+def write_redis_acl(directory: Path) -> Path:
+    """A redis.conf (readable by this user only) that turns the password-less default user off
+    and adds this run's user (security.current(), set by Launch.credentials): other processes
+    on the machine can no longer read or write the trajectories. A file, not flags: `ps` shows
+    a command line to everyone."""
+    creds = security.current()
+    if creds.redis_username is None or creds.redis_password is None:
+        raise RuntimeError("no Redis user for this run (Launch.credentials sets one)")
+    conf = directory / "redis.conf"
+    conf.touch(mode=0o600)
+    conf.chmod(0o600)
+    acl = [
+        "user default off",
+        f"user {creds.redis_username} on >{creds.redis_password} ~* &* +@all",
+    ]
+    conf.write_text("\n".join(acl) + "\n")
+    return conf
+
+
 def _wait_redis(url: str, timeout_s: float = 20.0) -> None:
     import redis
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+    from vla_rl.buffer.redis_streams import redis_client
+
+    client = redis_client(url, socket_connect_timeout=0.5)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -506,7 +540,9 @@ def train(config_path: str | None, overrides: list[str], num_gpus: int | None = 
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         launch = Launch(run_dir)
-        with sigterm_as_interrupt():
+        local_redis = buffer_kind(cfg, shutil.which("redis-server") is not None) == "redis"
+        creds = launch.credentials(local_redis=local_redis)
+        with sigterm_as_interrupt(), security.use(creds):
             return _train(cfg, launch, num_gpus, check)
     finally:
         if check.poll() is None:
@@ -699,7 +735,7 @@ def run_summary(cfg: TrainConfig, env_servers: list[Child]) -> dict:
     buffer = from_url(cfg.buffer.url, stream=cfg.buffer.stream, group=cfg.buffer.group)
     try:
         summary["buffer"] = {
-            "url": cfg.buffer.url,
+            "url": security.redact_url(cfg.buffer.url),
             "length": buffer.length(),
             "pending": buffer.pending(),
             "dead_letters": buffer.dead_letters(),

@@ -10,6 +10,7 @@ import logging
 
 import redis
 
+from vla_rl import security
 from vla_rl.buffer.base import (
     DEFAULT_CLAIM_IDLE_MS,
     DEFAULT_GROUP,
@@ -22,6 +23,17 @@ from vla_rl.buffer.base import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def redis_client(url: str, **options) -> redis.Redis:
+    """A client for `url` that logs in as this process's Redis user (security.current(); a
+    user or password written in the URL itself wins)."""
+    creds = security.current()
+    if creds.redis_password is not None:
+        options.setdefault("password", creds.redis_password)
+        if creds.redis_username is not None:
+            options.setdefault("username", creds.redis_username)
+    return redis.Redis.from_url(url, **options)
 
 
 class RedisStreamsBuffer(ConsumerGroupBuffer):
@@ -45,7 +57,7 @@ class RedisStreamsBuffer(ConsumerGroupBuffer):
             maxlen=maxlen,
             claim_idle_ms=claim_idle_ms,
         )
-        self._redis = client if client is not None else redis.Redis.from_url(url)
+        self._redis = client if client is not None else redis_client(url)
         self._acked_key = f"{stream}:acked"
         self._dead_key = f"{stream}:dead"
 

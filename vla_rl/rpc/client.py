@@ -12,7 +12,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from vla_rl import security
 from vla_rl.rpc import ENV_SERVICE, LEARNER_SERVICE, ROLLOUT_SERVICE
+from vla_rl.rpc.auth import channel_credentials, secure_channel_options, with_token
 from vla_rl.rpc.server import MAX_MESSAGE_BYTES
 
 # Seconds; pass as `timeout=` on every call. Generous: they catch a hung peer, not a slow one.
@@ -71,11 +73,24 @@ CHANNEL_OPTIONS: Mapping[str, Any] = {
 }
 
 
-def make_channel(target: str, *, options: Mapping[str, Any] | None = None) -> grpc.Channel:
-    """An insecure channel to `target` ("host:port", "dns:///name:port", "unix:path") with
-    CHANNEL_OPTIONS, overridden by `options`."""
+def make_channel(
+    target: str,
+    *,
+    options: Mapping[str, Any] | None = None,
+    credentials: security.Credentials | None = None,
+) -> grpc.Channel:
+    """A channel to `target` ("host:port", "dns:///name:port", "unix:path") with
+    CHANNEL_OPTIONS, overridden by `options`, carrying this process's bearer token and TLS
+    (`credentials`, default security.current())."""
+    creds = credentials if credentials is not None else security.current()
+    tls = channel_credentials(creds)
     merged = {**CHANNEL_OPTIONS, **(options or {})}
-    return grpc.insecure_channel(target, options=list(merged.items()))
+    if tls is None:
+        channel = grpc.insecure_channel(target, options=list(merged.items()))
+    else:
+        merged.update(secure_channel_options(creds))
+        channel = grpc.secure_channel(target, tls, options=list(merged.items()))
+    return with_token(channel, creds)
 
 
 def wait_for_health(target: str, service: str = "", timeout_s: float = 60.0) -> None:

@@ -1,5 +1,6 @@
-"""Server-side gRPC helpers: a server with our message limits, health + reflection, graceful
-shutdown on SIGTERM/SIGINT, and the exception -> status mapping every servicer method uses."""
+"""Server-side gRPC helpers: a server with our message limits, the bearer-token check and TLS of
+this process's credentials (vla_rl.security), health + reflection, graceful shutdown on
+SIGTERM/SIGINT, and the exception -> status mapping every servicer method uses."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from vla_rl import security
+from vla_rl.rpc.auth import server_credentials, server_interceptors
 
 logger = logging.getLogger(__name__)
 
@@ -36,24 +40,47 @@ SERVER_OPTIONS: Mapping[str, int] = {
 
 # Health servicer of each server made by add_health_and_reflection, for serve_until_signal.
 _HEALTH: weakref.WeakKeyDictionary[grpc.Server, health.HealthServicer] = weakref.WeakKeyDictionary()
+# Credentials each server was made with, so that `bind` listens with the same TLS.
+_CREDENTIALS: weakref.WeakKeyDictionary[grpc.Server, security.Credentials] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def make_server(max_workers: int = 16, *, options: Mapping[str, Any] | None = None) -> grpc.Server:
-    """A thread-pool gRPC server with SERVER_OPTIONS (overridden by `options`). Not started."""
+def make_server(
+    max_workers: int = 16,
+    *,
+    options: Mapping[str, Any] | None = None,
+    credentials: security.Credentials | None = None,
+) -> grpc.Server:
+    """A thread-pool gRPC server with SERVER_OPTIONS (overridden by `options`) that refuses calls
+    without this process's bearer token (`credentials`, default security.current()). Not
+    started. A malformed credential variable exits with one line naming it."""
+    try:
+        creds = credentials if credentials is not None else security.current()
+    except security.CredentialsError as e:
+        raise SystemExit(f"credentials: {e}") from None
     merged = {**SERVER_OPTIONS, **(options or {})}
-    return grpc.server(
+    server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        interceptors=server_interceptors(creds),
         options=list(merged.items()),
     )
+    _CREDENTIALS[server] = creds
+    return server
 
 
 def bind(server: grpc.Server, address: str, service: str) -> int:
     """Listen on `address` (host:port; port 0 = any), or exit with one line naming the service
     and the address. grpcio raises RuntimeError when the port is taken (with so_reuseport off);
     it never returns 0, so the old `add_insecure_port(...) == 0` checks could not fire. Bind
-    before loading a model, so a taken port costs seconds, not a model load."""
+    before loading a model, so a taken port costs seconds, not a model load. With TLS
+    credentials (make_server's) the port speaks TLS only."""
+    tls = server_credentials(_CREDENTIALS.get(server, security.Credentials()))
     try:
-        port = server.add_insecure_port(address)
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, tls)
     except RuntimeError:
         port = 0
     if port == 0:
