@@ -31,7 +31,7 @@ from vla_rl.training.distributed import cleanup, init_distributed, shard_policy
 from vla_rl.training.update import PPOUpdateConfig, make_optimizer
 
 from .batch import AdvantageConfig
-from .trainer import Learner, LoopSettings
+from .trainer import Learner, LoopSettings, SegmentTimeout
 
 log = logging.getLogger("vla_rl.learner")
 
@@ -129,6 +129,7 @@ def learner_plan(cfg: TrainConfig) -> LearnerPlan:
             temperature=cfg.rollout.sampling_params.temperature_train,
             micro_batch_size=actor.micro_batch_size,
             max_staleness=alg.max_staleness,
+            segment_timeout_s=cfg.runner.segment_timeout_s,
         ),
         buffer={
             "url": cfg.buffer.url,
@@ -299,7 +300,11 @@ def main(argv: list[str] | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     try:
-        learner.run(stop.is_set, print_line=lambda line: print(line, flush=True))
+        try:
+            learner.run(stop.is_set, print_line=lambda line: print(line, flush=True))
+        except SegmentTimeout as e:
+            log.error("%s", e)
+            raise SystemExit(1) from None
         if info.is_main:
             log.info(
                 "done: iteration %d, policy version %d (%d learner process%s)",

@@ -68,10 +68,33 @@ class LoopSettings:
     dropped (and counted) instead of trained on."""
     wait_log_s: float = 30.0
     """Log a line while waiting longer than this for segments."""
+    segment_timeout_s: float = 600.0
+    """Fail when no segment arrives for this long (runner.segment_timeout_s; 0: wait forever)."""
     run_id: str = ""
     """Train only on segments of this run id (one launch of the run); "" accepts any. Policy
     version numbers restart with every launch that starts from the same checkpoint, so a
     segment of an earlier launch with a matching version may come from other weights."""
+
+
+class SegmentTimeout(RuntimeError):
+    """No segment arrived within LoopSettings.segment_timeout_s."""
+
+
+def segment_source(seg) -> str:
+    """The env server that wrote a segment: ids are `<run_id>-<server>-<iteration>-<env>`."""
+    rest = seg.segment_id[len(seg.run_id) + 1 :] if seg.segment_id.startswith(seg.run_id) else ""
+    parts = rest.rsplit("-", 2)
+    return parts[0] if len(parts) == 3 and parts[0] else "unknown"
+
+
+def waiting_message(got: list[Received], want: int, iteration: int) -> str:
+    """'3 of 4 segments for iteration 5 (env0: 2, env1: 1)': what has come, by env server."""
+    by_server: dict[str, int] = {}
+    for r in got:
+        source = segment_source(r.segment)
+        by_server[source] = by_server.get(source, 0) + 1
+    sources = ", ".join(f"{k}: {v}" for k, v in sorted(by_server.items())) or "none yet"
+    return f"{len(got)} of {want} segments for iteration {iteration} ({sources})"
 
 
 class Learner:
@@ -154,13 +177,15 @@ class Learner:
 
         Segments of a later iteration are held for it; segments of an earlier iteration (a
         resume re-delivers them), repeated segment ids and segments whose policy is more than
-        `max_staleness` versions behind are acknowledged and dropped, and counted.
+        `max_staleness` versions behind are acknowledged and dropped, and counted. When nothing
+        arrives for `segment_timeout_s`, SegmentTimeout says what came from which env server:
+        a stalled collection is an error to act on, never a silent hang.
         """
         want = self.loop.segments_per_iteration
         got: list[Received] = []
         seen: set[str] = set()
         held, self._held = self._held, []
-        waited_since = time.monotonic()
+        logged_at = last_arrival = time.monotonic()
         while True:
             for r in held:
                 self._sort(r, got, seen)
@@ -170,9 +195,20 @@ class Learner:
                 self._held.extend(got)
                 return None
             held = self.buffer.take(want - len(got), timeout_s=0.5)
-            if time.monotonic() - waited_since > self.loop.wait_log_s:
-                log.info("waiting for segments: %d of %d", len(got), want)
-                waited_since = time.monotonic()
+            now = time.monotonic()
+            if held:
+                last_arrival = now
+            idle = now - last_arrival
+            if 0 < self.loop.segment_timeout_s < idle:
+                raise SegmentTimeout(
+                    f"no segment arrived for {idle:.0f} s (runner.segment_timeout_s): "
+                    f"{waiting_message(got, want, self.iteration + 1)} on stream "
+                    f"{self.buffer.stream!r}. Every env server must be running and collecting "
+                    "for this run into this buffer: see their logs"
+                )
+            if now - logged_at > self.loop.wait_log_s:
+                log.info("waiting: %s", waiting_message(got, want, self.iteration + 1))
+                logged_at = now
 
     def _sort(self, r: Received, got: list[Received], seen: set[str]) -> None:
         """Put one received segment where it belongs: this iteration, held, or dropped."""

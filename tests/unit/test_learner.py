@@ -17,7 +17,7 @@ from services.learner.batch import (
     stack_segments,
 )
 from services.learner.main import learner_plan
-from services.learner.trainer import Learner, LoopSettings
+from services.learner.trainer import Learner, LoopSettings, SegmentTimeout
 from vla_rl.algorithms import (
     behaviour_importance_weights,
     compute_gae,
@@ -297,6 +297,41 @@ def test_gather_returns_none_when_stopped_and_keeps_what_it_had():
     assert learner.gather(stop=lambda: True) is None
     buffer.put(make_segment(1))
     assert len(learner.gather()) == 2
+
+
+def test_gather_fails_after_the_segment_timeout_naming_what_came_from_where():
+    buffer = from_url("memory://", stream="gather-timeout", group="learner")
+    learner = _learner(buffer, segments_per_iteration=4)
+    learner.loop.segment_timeout_s = 1.0
+    buffer.put(make_segment(0, segment_id="run-env0-0-0"))
+    buffer.put(make_segment(1, segment_id="run-env0-0-1"))
+    buffer.put(make_segment(2, segment_id="run-env-b-0-0"))  # server ids may hold dashes
+    with pytest.raises(SegmentTimeout) as info:
+        learner.gather()
+    message = str(info.value)
+    assert "3 of 4 segments for iteration 1 (env-b: 1, env0: 2)" in message
+    assert "runner.segment_timeout_s" in message and "'gather-timeout'" in message
+
+
+def test_gather_waits_past_the_timeout_while_segments_keep_arriving():
+    """The deadline counts from the last arrival, not from the start of the iteration: a slow
+    collection that makes progress is never cut off."""
+    import threading
+    import time
+
+    buffer = from_url("memory://", stream="gather-slow", group="learner")
+    learner = _learner(buffer, segments_per_iteration=8)
+    learner.loop.segment_timeout_s = 3.0
+
+    def trickle() -> None:
+        for i in range(8):
+            time.sleep(0.5)
+            buffer.put(make_segment(i))
+
+    writer = threading.Thread(target=trickle)
+    writer.start()
+    assert len(learner.gather()) == 8  # 4 s in all, never 3 s without a segment
+    writer.join()
 
 
 # ----------------------------------------------------------------------- build_train_batch

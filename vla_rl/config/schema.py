@@ -24,7 +24,7 @@ def _choice(key: str, value: str, choices: Iterable[str]) -> None:
 
 
 def _at_least(key: str, value: float, low: float) -> None:
-    if value < low:
+    if not value >= low:  # NaN too
         raise ConfigError(key, f"must be >= {low}, got {value!r}")
 
 
@@ -116,6 +116,10 @@ class RunnerConfig:
     that already has a checkpoint (a restart) continues from its own latest instead."""
     seed: int = 0
     """Seed of the learner (shuffling, LoRA init); env seeds are under env.train/env.eval."""
+    segment_timeout_s: float = 600.0
+    """The learner stops with an error naming what has arrived from which env server when no
+    trajectory segment comes for this many seconds (a stalled env server or a wrong buffer
+    shows up, instead of a silent hang); 0: wait forever."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     """Metric logging."""
 
@@ -123,6 +127,7 @@ class RunnerConfig:
         _at_least("max_epochs", self.max_epochs, 1)
         _interval("save_interval", self.save_interval)
         _interval("val_check_interval", self.val_check_interval)
+        _at_least("segment_timeout_s", self.segment_timeout_s, 0)
 
 
 # -------------------------------------------------------------------------------------- algorithm
