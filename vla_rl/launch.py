@@ -39,6 +39,11 @@ class Child:
     proc: subprocess.Popen
     log_path: Path | None
     target: str = ""
+    cmd: list[str] = field(default_factory=list)
+    gpus: list[int] | str = "cpu"
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path else ""
 
 
 @dataclass
@@ -85,9 +90,20 @@ class Launch:
         proc = subprocess.Popen(
             cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT if out else None
         )
-        child = Child(name, proc, log_path, target)
+        child = Child(name, proc, log_path, target, list(cmd), gpus)
         self.children.append(child)
         return child
+
+    def restart(self, child: Child, extra_args: list[str] = ()) -> Child:
+        """Start `child`'s command again (plus `extra_args`) in its place in the stop order; its
+        log file is appended to."""
+        index = self.children.index(child)
+        new = self.start(child.name, [*child.cmd, *extra_args], gpus=child.gpus,
+                         target=child.target)  # fmt: skip
+        new.cmd = child.cmd  # a later restart starts from the original command
+        self.children.pop()
+        self.children[index] = new
+        return new
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM to every child (last started first), SIGKILL after `grace_s`. Signals to this
@@ -113,8 +129,7 @@ class Launch:
         for child in self.children:
             code = child.proc.poll()
             if code is not None and child.name != "learner":
-                tail = child.log_path.read_text(errors="replace")[-3000:] if child.log_path else ""
-                raise RuntimeError(f"{exit_reason(child.name, code)}:\n{tail}")
+                raise RuntimeError(f"{exit_reason(child.name, code)}:\n{child.log_tail()}")
 
 
 @contextmanager
@@ -260,30 +275,31 @@ def start_buffer(cfg: TrainConfig, launch: Launch) -> str:
 
 
 def write_redis_acl(directory: Path) -> Path:
-    """A redis.conf (readable by this user only) that turns the password-less default user off
-    and adds this run's user (security.current(), set by Launch.credentials): other processes
-    on the machine can no longer read or write the trajectories. A file, not flags: `ps` shows
-    a command line to everyone."""
+    """A redis.conf (readable by this user only) that gives the default user this run's password
+    (security.current(), set by Launch.credentials): other processes on the machine can no
+    longer read or write the trajectories. A file, not flags: `ps` shows a command line to
+    everyone. The default user keeps every permission: Redis 7.0 replays MULTI/EXEC blocks of
+    its append-only file as the default user, and with that user switched off it refused every
+    acknowledgement on restart (found by tests/e2e/test_crash_recovery.py)."""
     creds = security.current()
-    if creds.redis_username is None or creds.redis_password is None:
-        raise RuntimeError("no Redis user for this run (Launch.credentials sets one)")
+    if creds.redis_password is None:
+        raise RuntimeError("no Redis password for this run (Launch.credentials sets one)")
     conf = directory / "redis.conf"
     conf.touch(mode=0o600)
     conf.chmod(0o600)
-    acl = [
-        "user default off",
-        f"user {creds.redis_username} on >{creds.redis_password} ~* &* +@all",
-    ]
-    conf.write_text("\n".join(acl) + "\n")
+    conf.write_text(f"user default on >{creds.redis_password} ~* &* +@all\n")
     return conf
 
 
 def _wait_redis(url: str, timeout_s: float = 20.0) -> None:
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
     from vla_rl.buffer.redis_streams import redis_client
 
-    client = redis_client(url, socket_connect_timeout=0.5)
+    # One attempt per ping: this loop has its own deadline.
+    client = redis_client(url, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -453,7 +469,8 @@ def launch_plan(
     if world > 1:  # FSDP over `world` processes: gloo on the CPU, NCCL on the actor GPUs
         learner_args = ["-m", "torch.distributed.run", "--standalone",
                         f"--nproc_per_node={world}", "-m", "services.learner.main"]  # fmt: skip
-    learner_args += ["--config", str(resolved), "--port", str(port()),
+    learner_port = port()
+    learner_args += ["--config", str(resolved), "--port", str(learner_port),
                      "--device", _device_of(placement["actor"])]  # fmt: skip
     addresses = cfg.rollout.addresses
     collection = [
@@ -466,7 +483,9 @@ def launch_plan(
         config=cfg,
         rollout=rollout,
         env=env,
-        learner=ProcessPlan("learner", learner_args, placement["actor"]),
+        learner=ProcessPlan(
+            "learner", learner_args, placement["actor"], f"127.0.0.1:{learner_port}"
+        ),
         collection=collection,
         evaluation=evaluation_args(cfg),
         evaluation_servers=[p.target for p in env[: cfg.env.eval.num_servers]],
@@ -494,6 +513,91 @@ def wait_until_healthy(launch: Launch, timeout_s: float = 300) -> None:
             continue
         waiting.pop(0)
     launch.check_alive()
+
+
+class Supervisor:
+    """Brings back a crashed redis-server, rollout server or env server of a running training
+    run, up to `max_restarts` times each with a growing pause, then fails the run naming it:
+
+    - redis-server: the same port, config and directory; its append-only file restores every
+      acknowledged write, and the services' clients retry meanwhile (buffer/redis_streams.py).
+    - rollout server: the same port, told to answer Act with UNAVAILABLE until it holds the
+      learner's current policy version; the learner re-pushes its latest adapter to a replica
+      behind it, and env servers retry Act meanwhile, so no action comes from stale weights.
+    - env server: the same port, then StartCollection from the learner's current iteration. The
+      episodes it had in flight are lost (counted in `lost_envs`); segments it wrote before the
+      crash and writes again carry the same ids, and the learner drops the repeats.
+    The learner is not restarted: its exit ends the run, reported with its code.
+    """
+
+    def __init__(self, launch: Launch, plan: LaunchPlan, learner_target: str,
+                 max_restarts: int = 3, pause_s: float = 1.0) -> None:  # fmt: skip
+        self.launch, self.plan, self.learner_target = launch, plan, learner_target
+        self.max_restarts, self.pause_s = max_restarts, pause_s
+        self.restarts: dict[str, int] = {}
+        self.lost_envs = 0
+
+    def poll(self) -> None:
+        for child in list(self.launch.children):
+            code = child.proc.poll()
+            if code is not None and child.name != "learner":
+                self._restart(child, code)
+
+    def _restart(self, child: Child, code: int) -> None:
+        n = self.restarts.get(child.name, 0) + 1
+        reason = exit_reason(child.name, code)
+        if n > self.max_restarts:
+            raise RuntimeError(f"{reason} after {self.max_restarts} restarts; giving up. Its log "
+                               f"ends:\n{child.log_tail()}")  # fmt: skip
+        self.restarts[child.name] = n
+        print(f"vla-rl train: {reason}; restarting it ({n} of {self.max_restarts}), log: "
+              f"{child.log_path}", file=sys.stderr, flush=True)  # fmt: skip
+        time.sleep(self.pause_s * 2 ** (n - 1))
+        status = self._learner_status()
+        extra = []
+        if child.name.startswith("rollout"):
+            extra = ["--min-policy-version", str(status.policy_version)]
+        new = self.launch.restart(child, extra)
+        if child.name == "redis":
+            _wait_redis(self.plan.config.buffer.url)
+        else:
+            wait_for_target(new, self.launch)
+        if child.name.startswith("env"):
+            index = [p.name for p in self.plan.env].index(child.name)
+            fields = dict(self.plan.collection[index])
+            start = max(int(status.iteration), int(fields["start_version"]))
+            fields["iterations"] = fields["start_version"] + fields["iterations"] - start
+            fields["start_version"] = start
+            self.lost_envs += int(fields["num_envs"])
+            _start_collection([new], [fields])
+        print(f"vla-rl train: {child.name} is back", file=sys.stderr, flush=True)
+
+    def _learner_status(self):
+        from vla_rl.rpc.client import DEFAULT_DEADLINE_S, make_channel
+        from vla_rl.rpc.gen.v1 import learner_pb2, learner_pb2_grpc
+
+        with make_channel(self.learner_target) as channel:
+            return learner_pb2_grpc.LearnerServiceStub(channel).GetStatus(
+                learner_pb2.LearnerStatusRequest(), timeout=DEFAULT_DEADLINE_S["status"]
+            )
+
+
+def wait_for_target(child: Child, launch: Launch, timeout_s: float = 300) -> None:
+    """Wait for one restarted service to report SERVING (its death meanwhile is reported)."""
+    from vla_rl.rpc.client import wait_for_health
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if child.proc.poll() is not None:
+            raise RuntimeError(f"{exit_reason(child.name, child.proc.returncode)} while "
+                               f"restarting:\n{child.log_tail()}")  # fmt: skip
+        try:
+            wait_for_health(child.target, timeout_s=2.0)
+            return
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{child.name} did not come back within {timeout_s:.0f} s; "
+                                   f"see {child.log_path}") from None  # fmt: skip
 
 
 def start_task_check(cfg: TrainConfig) -> subprocess.Popen:
@@ -583,8 +687,8 @@ def _train(cfg: TrainConfig, launch: Launch, num_gpus: int, check: subprocess.Po
         learner = launch.start(
             "learner", [py, *plan.learner.args], gpus=plan.learner.gpus, to_console=True
         )
-        env_servers = [c for c in launch.children if c.name.startswith("env")]
-        _start_collection(env_servers, plan.collection)
+        _start_collection(env_children(launch), plan.collection)
+        supervisor = Supervisor(launch, plan, plan.learner.target)
         evaluations = None
         if plan.evaluation is not None:
             evaluations = Evaluations(cfg, plan.evaluation, plan.evaluation_servers)
@@ -596,14 +700,16 @@ def _train(cfg: TrainConfig, launch: Launch, num_gpus: int, check: subprocess.Po
         )
         while learner.proc.poll() is None:
             time.sleep(1.0)
-            launch.check_alive()
-            _check_collection(env_servers)
+            supervisor.poll()
+            _check_collection(env_children(launch))
             if evaluations is not None:
                 evaluations.poll()
         code = learner.proc.returncode
         if code == 0 and evaluations is not None:
             evaluations.finish()
-        summary = run_summary(cfg, env_servers)
+        summary = run_summary(cfg, env_children(launch))
+        summary["restarts"] = dict(supervisor.restarts)
+        summary["lost_envs"] = supervisor.lost_envs
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if code == 0:
             from vla_rl.report import plot_learning_curve
@@ -746,16 +852,29 @@ def run_summary(cfg: TrainConfig, env_servers: list[Child]) -> dict:
     return summary
 
 
+def env_children(launch: Launch) -> list[Child]:
+    """The env servers now running (a restarted one replaces its predecessor)."""
+    return [c for c in launch.children if c.name.startswith("env")]
+
+
 def _check_collection(servers: list[Child]) -> None:
-    """A collection that failed inside an env server (e.g. a broken task) ends the run."""
+    """A collection that failed inside an env server (e.g. a broken task) ends the run. A server
+    that does not answer is left to the Supervisor (it may have just died)."""
+    import grpc
+
     from vla_rl.rpc.client import DEFAULT_DEADLINE_S, make_channel
     from vla_rl.rpc.gen.v1 import env_pb2, env_pb2_grpc
 
     for child in servers:
-        with make_channel(child.target) as channel:
-            status = env_pb2_grpc.EnvServiceStub(channel).GetStatus(
-                env_pb2.GetStatusRequest(), timeout=DEFAULT_DEADLINE_S["status"]
-            )
+        try:
+            with make_channel(child.target) as channel:
+                status = env_pb2_grpc.EnvServiceStub(channel).GetStatus(
+                    env_pb2.GetStatusRequest(), timeout=DEFAULT_DEADLINE_S["status"]
+                )
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                continue
+            raise
         if status.state == "failed":
             raise RuntimeError(f"{child.name} collection failed: {status.error}")
 

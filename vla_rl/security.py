@@ -149,16 +149,16 @@ def new_secret() -> str:
 
 def for_run(environ: Mapping[str, str], *, local_redis: bool) -> tuple[Credentials, dict[str, str]]:
     """The credentials of one `vla-rl train` / `vla-rl eval` and the variables its children get:
-    the environment's, plus a fresh token when none is set and a fresh Redis user and password
-    for a redis-server the launcher starts itself."""
+    the environment's, plus a fresh token when none is set and a fresh Redis password for a
+    redis-server the launcher starts itself."""
     creds = from_env(environ)
     child_env: dict[str, str] = {}
     if creds.token is None:
         creds = replace(creds, token=new_secret())
         child_env[TOKEN_ENV] = creds.token
-    if local_redis:
-        creds = replace(creds, redis_username="vla-rl", redis_password=new_secret())
-        child_env[REDIS_USERNAME_ENV] = creds.redis_username
+    if local_redis:  # its default user gets the password (launch.write_redis_acl)
+        creds = replace(creds, redis_username=None, redis_password=new_secret())
+        child_env[REDIS_USERNAME_ENV] = ""
         child_env[REDIS_PASSWORD_ENV] = creds.redis_password
     return creds, child_env
 

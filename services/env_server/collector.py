@@ -23,7 +23,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
+import grpc
 import numpy as np
 
 from vla_rl.buffer import Segment, TrajectoryBuffer
@@ -32,6 +34,18 @@ from vla_rl.evaluation import annotate, write_video
 from .env_pool import EnvPool, EnvPoolConfig
 
 log = logging.getLogger("vla_rl.env_server")
+T = TypeVar("T")
+
+ROLLOUT_PATIENCE_S = 900.0
+"""How long collection waits for an unavailable rollout service (a replica restarting loads its
+model, minutes for a 7B) before it fails."""
+
+
+def _unavailable(error: BaseException) -> bool:
+    """UNAVAILABLE from a gRPC call or a RolloutError (whose `code` is an attribute)."""
+    code = getattr(error, "code", None)
+    code = code() if callable(code) else code
+    return code == grpc.StatusCode.UNAVAILABLE
 
 
 @dataclass
@@ -144,8 +158,10 @@ class Collector:
         current_version: Callable[[], int],
         buffer: TrajectoryBuffer,
         make_pool: Callable[[EnvPoolConfig], EnvPool] = EnvPool,
+        rollout_patience_s: float = ROLLOUT_PATIENCE_S,
     ) -> None:
         self.config = config
+        self.rollout_patience_s = rollout_patience_s
         self.act = act
         self.current_version = current_version
         self.buffer = buffer
@@ -166,9 +182,40 @@ class Collector:
         envs = range(stage * n, stage * n + n)
         return [tasks[(e // self.config.group_size) % len(tasks)] for e in envs]
 
+    def _patiently(self, call: Callable[[], T], what: str) -> T:
+        """call() again, with backoff, while the rollout service is UNAVAILABLE (a replica that
+        restarts, or waits for the current policy) for up to rollout_patience_s; the episodes in
+        flight continue where they were. Other errors, and a longer outage, fail the run."""
+        deadline = time.monotonic() + self.rollout_patience_s
+        delay = 0.5
+        while True:
+            try:
+                return call()
+            except Exception as e:
+                if not _unavailable(e) or time.monotonic() > deadline or self.stop_event.is_set():
+                    raise
+                log.warning(
+                    "%s: rollout service unavailable, retrying in %.1f s: %s", what, delay, e
+                )
+            self.stop_event.wait(delay)
+            delay = min(2 * delay, 5.0)
+
+    def _act_result(self, pending: Future, obs) -> ActResult:
+        """The pending Act's result; while the rollout service is unavailable, the same
+        observations are asked again."""
+        try:
+            return pending.result()
+        except Exception as e:
+            if not _unavailable(e):
+                raise
+        temperature = self.config.temperature
+        return self._patiently(
+            lambda: self.act(obs.images, list(obs.instructions), temperature).result(), "Act"
+        )
+
     def _wait_for_version(self, wanted: int) -> int:
         while not self.stop_event.is_set():
-            version = self.current_version()
+            version = self._patiently(self.current_version, "GetPolicy")
             if version >= wanted:
                 return version
             time.sleep(0.05)
@@ -229,7 +276,7 @@ class Collector:
             for s, pool in enumerate(pools):
                 if self.stop_event.is_set():
                     return
-                result: ActResult = pending[s].result()
+                result = self._act_result(pending[s], obs[s])
                 step = self._step_chunk(pool, result.actions)
                 for i, traj in enumerate(trajs[s]):
                     traj.images.append(obs[s].images[i])

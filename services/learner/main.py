@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import torch
 
 from vla_rl.buffer import from_url
@@ -178,19 +179,54 @@ class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
         )
 
 
-def make_publisher(targets: list[str]):
-    clients = [RolloutClient(t) for t in targets]
-    pool = ThreadPoolExecutor(max(1, len(clients)))
+class Replicas:
+    """The rollout replicas the learner publishes to. A replica that is down (restarting) does
+    not stop training: it is skipped with a warning and, once it answers again, `resync` pushes
+    it the latest adapter (a restarted replica waits for that before it serves)."""
 
-    def publish(blob: bytes, version: int) -> None:
-        replies = list(pool.map(lambda c: c.push_adapter(blob, version), clients))
-        bad = [
-            c.target for c, r in zip(clients, replies, strict=True) if r.policy_version != version
-        ]
-        if bad:
-            raise RuntimeError(f"replicas {bad} did not switch to version {version}")
+    def __init__(self, targets: list[str]) -> None:
+        self.clients = [RolloutClient(t) for t in targets]
+        self.pool = ThreadPoolExecutor(max(1, len(self.clients)))
+        self.latest: tuple[bytes, int] | None = None
+        self.resynced = 0
 
-    return publish, clients
+    def _push(self, client: RolloutClient, blob: bytes, version: int) -> bool:
+        """False when the replica is unavailable; any other refusal is an error."""
+        try:
+            reply = client.push_adapter(blob, version)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            log.warning("replica %s unavailable; it gets version %d when it is back",
+                        client.target, version)  # fmt: skip
+            return False
+        if reply.policy_version != version:
+            raise RuntimeError(f"replica {client.target} did not switch to version {version}")
+        return True
+
+    def publish(self, blob: bytes, version: int) -> None:
+        self.latest = (blob, version)
+        list(self.pool.map(lambda c: self._push(c, blob, version), self.clients))
+
+    def resync(self) -> None:
+        """Push the latest adapter to every replica that serves an older version."""
+        if self.latest is None:
+            return
+        blob, version = self.latest
+        for client in self.clients:
+            try:
+                served = client.policy().policy_version
+            except grpc.RpcError:
+                continue  # still down
+            if served < version and self._push(client, blob, version):
+                self.resynced += 1
+                log.info("replica %s was at version %d: pushed version %d",
+                         client.target, served, version)  # fmt: skip
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.pool.shutdown()
 
 
 def make_metric_logger(settings: dict, config: dict):
@@ -263,25 +299,25 @@ def main(argv: list[str] | None = None) -> None:
     shard_policy(policy, reshard_after_forward=plan.reshard_after_forward)
     optimizer = make_optimizer(policy, **plan.optimizer)
     # Only rank 0 talks to the buffer, the rollout replicas, TensorBoard and status clients.
-    buffer = publish = None
-    clients = []
+    buffer = replicas = None
     log_metrics = lambda m, step: None  # noqa: E731
     close_loggers = lambda: None  # noqa: E731
     if info.is_main:
         buffer = from_url(**plan.buffer, consumer="learner-0")
-        publish, clients = make_publisher(plan.rollout_targets)
+        replicas = Replicas(plan.rollout_targets)
         log_metrics, close_loggers = make_metric_logger(plan.logger, to_dict(cfg))
     learner = Learner(
         policy,
         PromptTokenizer(load_tokenizer(plan.model_path)),
         optimizer,
         buffer,
-        publish,
+        replicas.publish if replicas else None,
         plan.update,
         plan.advantage,
         plan.loop,
         log_metrics=log_metrics,
         seed=plan.seed,
+        while_waiting=replicas.resync if replicas else lambda: None,
     )
     if learner.resume():
         learner.publish_current()
@@ -318,8 +354,8 @@ def main(argv: list[str] | None = None) -> None:
             server.stop(2.0).wait()
         if buffer is not None:
             buffer.close()
-        for c in clients:
-            c.close()
+        if replicas is not None:
+            replicas.close()
         close_loggers()
         cleanup()
 

@@ -110,6 +110,7 @@ class Learner:
         loop: LoopSettings,
         log_metrics: Callable[[dict[str, float], int], None] = lambda m, step: None,
         seed: int = 0,
+        while_waiting: Callable[[], None] = lambda: None,
     ) -> None:
         self.policy = policy
         self.prompts_of = prompts_of
@@ -120,6 +121,9 @@ class Learner:
         self.adv_cfg = adv_cfg
         self.loop = loop
         self.log_metrics = log_metrics
+        self.while_waiting = while_waiting
+        """Called every few seconds while segments are awaited (re-push the adapter to a
+        replica that restarted)."""
         self.generator = torch.Generator().manual_seed(seed)
         self.iteration = 0
         self.policy_version = 0
@@ -185,7 +189,7 @@ class Learner:
         got: list[Received] = []
         seen: set[str] = set()
         held, self._held = self._held, []
-        logged_at = last_arrival = time.monotonic()
+        logged_at = last_arrival = last_check = time.monotonic()
         while True:
             for r in held:
                 self._sort(r, got, seen)
@@ -206,6 +210,9 @@ class Learner:
                     f"{self.buffer.stream!r}. Every env server must be running and collecting "
                     "for this run into this buffer: see their logs"
                 )
+            if now - last_check > 2.0:
+                self.while_waiting()
+                last_check = now
             if now - logged_at > self.loop.wait_log_s:
                 log.info("waiting: %s", waiting_message(got, want, self.iteration + 1))
                 logged_at = now

@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--unnorm-key", default=None)
     p.add_argument("--base-model-id", default=None, help="reported by GetPolicy")
     p.add_argument("--grace-s", type=float, default=5.0)
+    p.add_argument("--min-policy-version", type=int, default=0,
+                   help="answer Act with UNAVAILABLE until a pushed adapter reaches this version "
+                        "(a replica restarted mid-run waits for the current policy)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         image_size=int(config.image_sizes[0]),
         base_model_id=args.base_model_id or str(args.checkpoint),
         action_dim=int(config.action_dim),
+        min_policy_version=args.min_policy_version,
     )
     rollout_pb2_grpc.add_RolloutServiceServicer_to_server(servicer, server)
     add_health_and_reflection(server, [ROLLOUT_SERVICE])

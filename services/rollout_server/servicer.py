@@ -38,6 +38,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         image_size: int,
         base_model_id: str,
         action_dim: int = 7,
+        min_policy_version: int = 0,
     ) -> None:
         self.engine = engine
         self.batcher = batcher
@@ -48,6 +49,9 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         self.action_dim = action_dim
         self.adapter_sha256 = ""
         self._push_lock = threading.Lock()
+        # A server restarted mid-run must not serve the base weights as if they were the
+        # current policy: Act is UNAVAILABLE (clients retry) until the learner has pushed this.
+        self.min_policy_version = min_policy_version
 
     # -- helpers: proto <-> domain --------------------------------------------------------------
     def _parse(self, req: rollout_pb2.ActRequest) -> tuple[np.ndarray, list[str]]:
@@ -90,14 +94,25 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         )
         return self._reply(req, future.result())
 
+    def _check_policy(self, context: grpc.ServicerContext) -> None:
+        served = self.engine.policy_version
+        if served < self.min_policy_version:
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"restarted: waiting for the learner to push policy version "
+                f">= {self.min_policy_version} (serving {served})",
+            )
+
     # -- RPCs ---------------------------------------------------------------------------------
     @map_errors
     def Act(self, request, context):
+        self._check_policy(context)
         return self._act(request)
 
     @map_errors
     def ActStream(self, request_iterator, context):
         for request in request_iterator:
+            self._check_policy(context)
             yield self._act(request)
 
     @map_errors

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from vla_rl import security
 from vla_rl.buffer.base import (
@@ -25,9 +27,17 @@ from vla_rl.buffer.base import (
 log = logging.getLogger(__name__)
 
 
+# A redis-server restarted by the launcher (AOF: nothing acknowledged is lost) takes a second or
+# two to come back; commands retry meanwhile instead of failing the service. About 60 s in all.
+_RECONNECT = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=35)
+
+
 def redis_client(url: str, **options) -> redis.Redis:
     """A client for `url` that logs in as this process's Redis user (security.current(); a
-    user or password written in the URL itself wins)."""
+    user or password written in the URL itself wins) and retries commands while the server is
+    unreachable (a restart)."""
+    options.setdefault("retry", _RECONNECT)
+    options.setdefault("retry_on_error", [redis.ConnectionError, redis.TimeoutError])
     creds = security.current()
     if creds.redis_password is not None:
         options.setdefault("password", creds.redis_password)
