@@ -41,6 +41,7 @@ class Child:
     target: str = ""
     cmd: list[str] = field(default_factory=list)
     gpus: list[int] | str = "cpu"
+    to_console: bool = False
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path else ""
@@ -90,7 +91,7 @@ class Launch:
         proc = subprocess.Popen(
             cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT if out else None
         )
-        child = Child(name, proc, log_path, target, list(cmd), gpus)
+        child = Child(name, proc, log_path, target, list(cmd), gpus, to_console)
         self.children.append(child)
         return child
 
@@ -99,7 +100,7 @@ class Launch:
         log file is appended to."""
         index = self.children.index(child)
         new = self.start(child.name, [*child.cmd, *extra_args], gpus=child.gpus,
-                         target=child.target)  # fmt: skip
+                         to_console=child.to_console, target=child.target)  # fmt: skip
         new.cmd = child.cmd  # a later restart starts from the original command
         self.children.pop()
         self.children[index] = new
@@ -527,7 +528,11 @@ class Supervisor:
     - env server: the same port, then StartCollection from the learner's current iteration. The
       episodes it had in flight are lost (counted in `lost_envs`); segments it wrote before the
       crash and writes again carry the same ids, and the learner drops the repeats.
-    The learner is not restarted: its exit ends the run, reported with its code.
+    - learner: only where its newest checkpoint holds the version the rollout serves (with
+      runner.save_interval 1 it always does: a checkpoint is committed before each push); it
+      resumes there, re-reads the segments it had taken and not acknowledged, and collection
+      goes on. From an older checkpoint the served policy would go backwards, so the run ends
+      instead, saying so (a rerun resumes from that checkpoint).
     """
 
     def __init__(self, launch: Launch, plan: LaunchPlan, learner_target: str,
@@ -571,6 +576,41 @@ class Supervisor:
             self.lost_envs += int(fields["num_envs"])
             _start_collection([new], [fields])
         print(f"vla-rl train: {child.name} is back", file=sys.stderr, flush=True)
+
+    def restart_learner(self, child: Child, code: int) -> bool:
+        """Restart a learner that exited with `code` != 0 if it can resume exactly where the
+        rollout is; False (with the reason printed) when it cannot."""
+        from vla_rl.rpc.rollout_client import RolloutClient
+        from vla_rl.training.checkpoints import read_state, resume_source
+
+        cfg = self.plan.config
+        reason = exit_reason("the learner", code)
+        n = self.restarts.get(child.name, 0) + 1
+        if n > self.max_restarts:
+            print(f"vla-rl train: {reason} after {self.max_restarts} restarts; giving up",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            return False
+        path = resume_source(cfg.actor.checkpoint_dir, cfg.runner.resume_dir)
+        saved = read_state(path).policy_version if path is not None else 0
+        served = 0
+        for target in cfg.rollout.addresses:
+            client = RolloutClient(target)
+            try:
+                served = max(served, int(client.policy().policy_version))
+            finally:
+                client.close()
+        if saved < served:
+            print(f"vla-rl train: {reason}. Not restarted in place: the rollout serves policy "
+                  f"version {served} but the newest checkpoint holds {saved} "
+                  f"(runner.save_interval={cfg.runner.save_interval}; with 1 a learner crash is "
+                  "survived in place)", file=sys.stderr, flush=True)  # fmt: skip
+            return False
+        self.restarts[child.name] = n
+        print(f"vla-rl train: {reason}; restarting it from version {saved} "
+              f"({n} of {self.max_restarts})", file=sys.stderr, flush=True)  # fmt: skip
+        time.sleep(self.pause_s * 2 ** (n - 1))
+        self.launch.restart(child)
+        return True
 
     def _learner_status(self):
         from vla_rl.rpc.client import DEFAULT_DEADLINE_S, make_channel
@@ -698,13 +738,17 @@ def _train(cfg: TrainConfig, launch: Launch, num_gpus: int, check: subprocess.Po
             f"{cfg.rollout.engine} engine); logs in {run_dir}",
             flush=True,
         )
-        while learner.proc.poll() is None:
-            time.sleep(1.0)
-            supervisor.poll()
-            _check_collection(env_children(launch))
-            if evaluations is not None:
-                evaluations.poll()
-        code = learner.proc.returncode
+        while True:
+            while learner.proc.poll() is None:
+                time.sleep(1.0)
+                supervisor.poll()
+                _check_collection(env_children(launch))
+                if evaluations is not None:
+                    evaluations.poll()
+            code = learner.proc.returncode
+            if code == 0 or not supervisor.restart_learner(learner, code):
+                break
+            learner = next(c for c in launch.children if c.name == "learner")
         if code == 0 and evaluations is not None:
             evaluations.finish()
         summary = run_summary(cfg, env_children(launch))

@@ -204,9 +204,21 @@ class Replicas:
             raise RuntimeError(f"replica {client.target} did not switch to version {version}")
         return True
 
+    def _push_or_has(self, client: RolloutClient, blob: bytes, version: int) -> bool:
+        """_push, except that a replica already serving `version` (a learner restarted from the
+        checkpoint of the version it had pushed) is left as it is."""
+        try:
+            return self._push(client, blob, version)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            if client.policy().policy_version != version:
+                raise
+            return True
+
     def publish(self, blob: bytes, version: int) -> None:
         self.latest = (blob, version)
-        list(self.pool.map(lambda c: self._push(c, blob, version), self.clients))
+        list(self.pool.map(lambda c: self._push_or_has(c, blob, version), self.clients))
 
     def resync(self) -> None:
         """Push the latest adapter to every replica that serves an older version."""

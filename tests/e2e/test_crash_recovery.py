@@ -85,3 +85,35 @@ def test_killed_env_rollout_and_redis_are_restarted_and_the_run_finishes(tmp_pat
     assert scalars["rollout/foreign_segments_rejected"][-1][1] == 0
     unread = buffer["length"] - trained - dropped
     assert 0 <= unread <= 2, (buffer, dropped)
+
+
+@pytest.mark.slow
+def test_a_killed_learner_resumes_in_place_from_its_checkpoint(tmp_path):
+    """With runner.save_interval=1 every pushed version is checkpointed first, so a learner killed
+    with SIGKILL restarts at the version the rollout serves and the run finishes."""
+    iterations = 6
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vla_rl.cli", "train", f"runner.logger.log_path={tmp_path}",
+         "runner.logger.experiment_name=run", f"runner.max_epochs={iterations}",
+         "runner.save_interval=1", *TINY],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    out = ""
+    try:
+        out += _wait_for_line(proc, f"iter    2/{iterations}", timeout_s=300)
+        os.kill(_pid_of(proc.pid, "services.learner.main"), signal.SIGKILL)
+        code = proc.wait(timeout=300)
+        out += proc.stdout.read() or ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0, out[-4000:]
+    assert "the learner was killed by SIGKILL; restarting it from version" in out
+    done = [int(line.split()[1].split("/")[0]) for line in out.splitlines()
+            if line.startswith("iter ")]  # fmt: skip
+    assert done == sorted(set(done)) and done[-1] == iterations, done  # never backwards
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["restarts"] == {"learner": 1}
+    assert [r["policy_version"] for r in summary["rollout"]] == [iterations]
+    assert summary["buffer"]["pending"] == 0 and summary["buffer"]["dead_letters"] == 0
