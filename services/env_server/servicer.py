@@ -26,6 +26,9 @@ from .tasks import check_task_modules, import_task_modules, resolve_task
 log = logging.getLogger("vla_rl.env_server")
 
 MAX_SESSIONS = 8
+MAX_SESSIONS_PER_CLIENT = 4
+"""Of MAX_SESSIONS, what one client (one connection, or one certificate under mutual TLS) may
+hold, so that a single client cannot lock every other evaluator out."""
 # Envs one eval session keeps, one per task/configuration it was reset with (least recently used
 # closed first). An OOD split alternates its variants episode by episode; rebuilding the env at
 # every switch made SAPIEN fail to create a Vulkan instance after a few dozen builds on a GPU
@@ -168,10 +171,34 @@ def _session_key(env_type: str, config: EnvPoolConfig) -> tuple:
     )
 
 
+def client_identity(context: grpc.ServicerContext) -> str:
+    """Who is asking: the certificate's names under mutual TLS, else the connection's peer
+    address (host and port: one channel)."""
+    names = context.auth_context().get("x509_common_name") or context.auth_context().get(
+        "x509_subject_alternative_name"
+    )
+    if names:
+        return "cert:" + ",".join(n.decode(errors="replace") for n in names)
+    return context.peer()
+
+
+def session_limit_refusal(owners: list[str], client: str) -> str:
+    """Why `client` may not open another eval session while sessions of `owners` are open ("" if
+    it may)."""
+    if len(owners) >= MAX_SESSIONS:
+        return f"all {MAX_SESSIONS} eval sessions of this server are in use; retry later"
+    held = owners.count(client)
+    if held >= MAX_SESSIONS_PER_CLIENT:
+        return (f"this client holds {held} eval sessions, the most one client may: close one "
+                f"(CloseSession) or let it expire ({SESSION_IDLE_S:.0f} s idle)")  # fmt: skip
+    return ""
+
+
 class _Session:
     """An eval session: its envs by (task, configuration) key, and the one the last Reset chose."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str = "") -> None:
+        self.owner = owner
         self.pools: dict[tuple, EnvPool] = {}  # least recently used first
         self.key: tuple | None = None
         self.lock = threading.Lock()
@@ -340,25 +367,31 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
         with self._lock:
             self._expire_sessions()
             session = self._sessions.get(request.session_id) if request.session_id else None
-            if session is None and len(self._sessions) >= MAX_SESSIONS:
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_SESSIONS} eval sessions"
-                )
-        new = session is None
-        if new:
-            session, sid = _Session(), uuid.uuid4().hex
-        else:
-            sid = request.session_id
-        with session.lock:
-            if key in session.pools:
-                session.use(key)
-            else:  # a failed build leaves the session's other envs as they were
-                session.use(key, self._build_pool(config, context))
-            session.last_used = time.monotonic()
-            obs = session.pool.reset([int(request.seed)])
-        if new:
-            with self._lock:
+            new = session is None
+            if new:
+                owner = client_identity(context)
+                refusal = session_limit_refusal([x.owner for x in self._sessions.values()], owner)
+                if refusal:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+                # Held from now on, so concurrent Resets cannot overshoot the limits.
+                session, sid = _Session(owner), uuid.uuid4().hex
                 self._sessions[sid] = session
+            else:
+                sid = request.session_id
+        try:
+            with session.lock:
+                if key in session.pools:
+                    session.use(key)
+                else:  # a failed build leaves the session's other envs as they were
+                    session.use(key, self._build_pool(config, context))
+                session.last_used = time.monotonic()
+                obs = session.pool.reset([int(request.seed)])
+        except BaseException:
+            if new:  # a session whose first env failed is not kept
+                with self._lock:
+                    self._sessions.pop(sid, None)
+                session.close()
+            raise
         return env_pb2.ResetReply(
             session_id=sid, image=to_tensor(obs.images[0]), instruction=obs.instructions[0]
         )

@@ -132,9 +132,13 @@ def test_tls_and_token_run_refuses_strangers_and_keeps_secrets_out_of_logs(tmp_p
         assert proc.wait(timeout=60) == 130
         out += proc.stdout.read() or ""
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:  # a failed assertion: stop the run's services too
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     secrets = {"token": TOKEN, "redis password": password,
                "tls key": tls["server_key"].read_text().splitlines()[1]}  # fmt: skip
     logs = {"console": out}

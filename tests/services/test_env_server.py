@@ -22,7 +22,7 @@ from vla_rl.rpc.tensors import from_tensor, to_tensor
 
 
 @pytest.fixture(scope="module")
-def env_server(tmp_path_factory):
+def env_process(tmp_path_factory):
     proc = ServiceProcess(
         "services.env_server.main",
         ["--server-id", "test", "--task-modules", TASK_MODULE],
@@ -31,11 +31,18 @@ def env_server(tmp_path_factory):
     )
     try:
         proc.wait_healthy()
-        channel = grpc.insecure_channel(proc.target)
-        yield env_pb2_grpc.EnvServiceStub(channel), proc
-        channel.close()
+        yield proc
     finally:
         assert proc.stop() == 0, proc.log()
+
+
+@pytest.fixture
+def env_server(env_process):
+    """A stub on a connection of its own: each test is its own client, with its own share of
+    the server's eval sessions (the ones it leaves open expire)."""
+    channel = grpc.insecure_channel(env_process.target)
+    yield env_pb2_grpc.EnvServiceStub(channel), env_process
+    channel.close()
 
 
 def _code(call, *args) -> tuple[grpc.StatusCode, str]:
@@ -387,6 +394,45 @@ def test_close_session(env_server):
     assert not _close(stub, reply.session_id).closed  # closing twice is not an error
 
 
+@pytest.fixture
+def fresh_env_process(tmp_path):
+    """An env server no other test has opened sessions on."""
+    proc = ServiceProcess("services.env_server.main", ["--server-id", "fresh"], tmp_path, "env")
+    try:
+        proc.wait_healthy()
+        yield proc
+    finally:
+        assert proc.stop() == 0, proc.log()
+
+
+def test_one_client_cannot_hold_every_eval_session(fresh_env_process):
+    """A client gets at most MAX_SESSIONS_PER_CLIENT (4) of the server's 8 sessions; another
+    client (another connection) still gets one, and closing frees a slot."""
+    proc = fresh_env_process
+    # Each with its own connection: channels of one process otherwise share one, and a client
+    # is known by its connection.
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]
+    mine = grpc.insecure_channel(proc.target, options=own_connection)
+    other = grpc.insecure_channel(proc.target, options=own_connection)
+    stub, other_stub = env_pb2_grpc.EnvServiceStub(mine), env_pb2_grpc.EnvServiceStub(other)
+    opened = []
+    try:
+        opened = [_reset(stub, seed=i, image_size=32).session_id for i in range(4)]
+        code, details = _code(stub.Reset, env_pb2.ResetRequest(task_id="PickCube-v1", seed=9,
+                                                                image_size=32))  # fmt: skip
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "holds 4 eval sessions" in details
+        theirs = _reset(other_stub, seed=5, image_size=32).session_id
+        assert _close(other_stub, theirs).closed
+        assert _close(stub, opened.pop()).closed
+        opened.append(_reset(stub, seed=6, image_size=32).session_id)
+    finally:
+        for sid in opened:
+            _close(stub, sid)
+        mine.close()
+        other.close()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the refusal where no GPU is visible")
 def test_eval_session_sim_backend(env_server):
     stub, _ = env_server
@@ -612,3 +658,12 @@ def test_collection_request_carries_ignore_terminations():
 
     assert not collection_config(request(), "env0").pool.ignore_terminations
     assert collection_config(request(ignore_terminations=True), "env0").pool.ignore_terminations
+
+
+def test_session_limit_refusal_names_the_limit_that_was_hit():
+    from services.env_server.servicer import session_limit_refusal
+
+    assert session_limit_refusal(["a", "a", "b"], "a") == ""
+    assert "holds 4 eval sessions" in session_limit_refusal(["a"] * 4 + ["b"], "a")
+    assert session_limit_refusal(["a"] * 4, "b") == ""
+    assert "all 8 eval sessions" in session_limit_refusal(["a"] * 4 + ["b"] * 4, "c")
