@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 
 from vla_rl.buffer import from_url
+from vla_rl.rpc import MAX_TEMPERATURE, MIN_TEMPERATURE, temperature_in_range
 from vla_rl.rpc.gen.v1 import env_pb2, env_pb2_grpc
 from vla_rl.rpc.rollout_client import RolloutClient
 from vla_rl.rpc.server import map_errors
@@ -26,6 +27,8 @@ from .tasks import check_task_modules, import_task_modules, resolve_task
 log = logging.getLogger("vla_rl.env_server")
 
 MAX_SESSIONS = 8
+MAX_COLLECTION_ENVS = 4096
+"""Envs one StartCollection may ask of a server (ManiSkill's GPU simulation runs thousands)."""
 MAX_SESSIONS_PER_CLIENT = 4
 """Of MAX_SESSIONS, what one client (one connection, or one certificate under mutual TLS) may
 hold, so that a single client cannot lock every other evaluator out."""
@@ -73,8 +76,12 @@ def collection_config(
     import_task_modules(req.task_modules)
     for task_id in req.task_ids:
         resolve_task(task_id)  # ValueError naming the task and the known ones
-    if req.num_envs < 1:
-        raise ValueError("num_envs must be >= 1")
+    if not 1 <= req.num_envs <= MAX_COLLECTION_ENVS:
+        raise ValueError(f"num_envs must be in [1, {MAX_COLLECTION_ENVS}], got {req.num_envs}")
+    if req.temperature != 0 and not temperature_in_range(req.temperature):  # 0: unset, 1.0
+        raise ValueError(
+            f"temperature must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {req.temperature}"
+        )
     if req.max_episode_steps < 1:
         raise ValueError("max_episode_steps must be >= 1")
     if not req.rollout_target or not req.buffer_url:
@@ -425,7 +432,7 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
         action = from_tensor(request.action, expect_dtype="float32", expect_ndim={1, 2})
         chunk = action.reshape(-1, action.shape[-1])
         dim = session.pool.action_dim
-        if chunk.shape[-1] != dim or not np.isfinite(chunk).all():
+        if chunk.shape[0] == 0 or chunk.shape[-1] != dim or not np.isfinite(chunk).all():
             raise ValueError(
                 f"action must be finite float32 [{dim}] or [C, {dim}], got {list(action.shape)}"
             )

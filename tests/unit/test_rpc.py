@@ -476,3 +476,14 @@ def test_a_port_in_use_is_one_clear_line(tmp_path, module):
     last = proc.stderr.strip().splitlines()[-1]
     assert f"cannot listen on 127.0.0.1:{port}" in last and "in use" in last
     assert "Traceback" not in proc.stderr
+
+
+def test_temperature_range_is_checked_as_the_float32_the_proto_carries():
+    import numpy as np
+
+    from vla_rl.rpc import temperature_in_range
+
+    assert temperature_in_range(float(np.float32(0.01)))  # 0.0099999998 after the proto
+    assert temperature_in_range(100.0) and temperature_in_range(1.0)
+    for bad in (0.0, 1e-45, -1.0, 100.5, float("nan"), float("inf")):
+        assert not temperature_in_range(bad), bad

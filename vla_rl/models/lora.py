@@ -19,6 +19,9 @@ from torch import nn
 
 from .openvla import OpenVLAPolicy
 
+MAX_LORA_RANK = 4096
+"""No real adapter comes near it (RLinf's OpenVLA recipes: 32); a blob claiming more is refused
+before anything is allocated."""
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VISION_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 ADAPTER_FORMAT = "vla-rl-adapter/1"
@@ -124,14 +127,64 @@ def adapter_metadata(blob: bytes) -> dict[str, str]:
     n = int.from_bytes(blob[:8], "little")
     if n <= 0 or 8 + n > len(blob):
         raise ValueError("adapter blob has a corrupt safetensors header")
-    try:
-        header = json.loads(blob[8 : 8 + n])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"adapter blob has a corrupt safetensors header ({e})") from e
+    header = _header(blob)
     meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError("adapter blob's safetensors metadata is not a map of strings")
     if meta.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"not a vla-rl adapter (format {meta.get('format')!r})")
     return meta
+
+
+def _header(blob: bytes) -> dict:
+    """The JSON header of a safetensors blob (names, dtypes, shapes, metadata)."""
+    if len(blob) < 8:
+        raise ValueError("adapter blob is truncated")
+    n = int.from_bytes(blob[:8], "little")
+    if n <= 0 or 8 + n > len(blob):
+        raise ValueError("adapter blob has a corrupt safetensors header")
+    try:
+        header = json.loads(blob[8 : 8 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"adapter blob has a corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise ValueError("adapter blob's safetensors header is not a JSON object")
+    return header
+
+
+def check_adapter_fits(model: OpenVLAPolicy, blob: bytes, settings: LoRASettings) -> None:
+    """ValueError unless the blob holds exactly the tensors (names and shapes) that LoRA with
+    `settings` on this model would have, read from its header alone. For a model that has no
+    LoRA yet: injecting it first would allocate whatever rank a blob claims (2**40 was tried)
+    and leave it in place when the blob is refused after all."""
+    if settings.rank > MAX_LORA_RANK:
+        raise ValueError(f"adapter claims LoRA rank {settings.rank} (at most {MAX_LORA_RANK})")
+    modules = dict(model.named_modules())
+    want: dict[str, tuple[int, ...]] = {}
+    for name in lora_target_names(model, settings.targets):
+        layer = modules[name]
+        base = getattr(layer, "base_layer", layer)  # already wrapped by an earlier injection
+        want[f"{name}.lora_A.default.weight"] = (settings.rank, base.in_features)
+        want[f"{name}.lora_B.default.weight"] = (base.out_features, settings.rank)
+    for name, p in model.named_parameters():
+        if name.startswith("value_head."):
+            want[name] = tuple(p.shape)
+    header = _header(blob)
+    have = {
+        k: tuple(v.get("shape", ())) if isinstance(v, dict) else None
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
+    if set(have) != set(want):
+        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        raise ValueError(
+            f"adapter does not match LoRA {settings.rank}/{settings.alpha}/{settings.targets} on "
+            f"this model: {len(missing)} tensors missing (e.g. {missing[:2]}), {len(extra)} "
+            f"unexpected (e.g. {extra[:2]})"
+        )
+    for name, shape in want.items():
+        if have[name] != shape:
+            raise ValueError(f"adapter tensor {name} has shape {have[name]}, LoRA needs {shape}")
 
 
 def load_adapter(model: OpenVLAPolicy, blob: bytes) -> int:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vla_rl.rpc import MAX_TEMPERATURE, MIN_TEMPERATURE, temperature_in_range
+
 
 @dataclass
 class EngineOutput:
@@ -69,8 +71,6 @@ class Engine(ABC):
 
 
 MAX_INSTRUCTION_CHARS = 1000
-MIN_TEMPERATURE = 1e-2
-MAX_TEMPERATURE = 100.0
 
 
 def validate_batch(
@@ -97,9 +97,8 @@ def validate_batch(
             raise ValueError(f"instruction {i} is empty")
         if len(text) > MAX_INSTRUCTION_CHARS:
             raise ValueError(f"instruction {i} is longer than {MAX_INSTRUCTION_CHARS} characters")
-    if not greedy and not (MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
-        # Below the floor logits / temperature overflows to inf and the probabilities to NaN
-        # (1e-45 gave INTERNAL); greedy=true is the way to ask for the argmax.
+    if not greedy and not temperature_in_range(temperature):
+        # greedy=true is the way to ask for the argmax.
         raise ValueError(
             f"temperature must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}] when sampling "
             f"(greedy=true for the argmax), got {temperature}"

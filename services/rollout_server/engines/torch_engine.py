@@ -11,7 +11,14 @@ import numpy as np
 import torch
 
 from vla_rl.models import PromptTokenizer, load_policy, load_tokenizer
-from vla_rl.models.lora import LoRASettings, adapter_metadata, apply_lora, load_adapter
+from vla_rl.models.lora import (
+    LoRASettings,
+    adapter_metadata,
+    apply_lora,
+    base_fingerprint,
+    check_adapter_fits,
+    load_adapter,
+)
 
 from .base import AdapterError, Engine, EngineOutput, validate_batch
 
@@ -83,7 +90,14 @@ class TorchEngine(Engine):
                 )
             current = getattr(self.policy, "lora_settings", None)
             if current is None:
-                # Fresh LoRA is the identity (B = 0), so injecting it before the checks is safe.
+                # The first adapter decides the LoRA layout: the blob must hold exactly its
+                # tensors before any is injected (a refused blob used to leave its LoRA behind).
+                try:
+                    check_adapter_fits(self.policy, blob, lora)
+                    if meta.get("base_fingerprint") != base_fingerprint(self.policy):
+                        raise ValueError("adapter was trained for a different base model")
+                except ValueError as e:
+                    raise AdapterError(str(e)) from e
                 apply_lora(self.policy, lora)
                 self.policy.to(self.device)
             elif (current.rank, current.alpha, sorted(current.targets)) != (
