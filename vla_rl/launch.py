@@ -319,6 +319,8 @@ class ProcessPlan:
     args: list[str]
     gpus: list[int] | str = "cpu"
     target: str = ""
+    metrics_target: str = ""
+    """host:port of its Prometheus /metrics."""
 
 
 @dataclass
@@ -440,13 +442,15 @@ def launch_plan(
         ranks = placement["rollout"]
         for r in range(cfg.rollout.replicas):
             gpus = ranks if ranks == "cpu" else [ranks[r % len(ranks)]]
-            p = port()
+            p, m = port(), port()
             rollout.append(
                 ProcessPlan(
                     f"rollout{r}",
-                    rollout_server_args(cfg, model_path, p, _device_of(gpus)),
+                    rollout_server_args(cfg, model_path, p, _device_of(gpus))
+                    + ["--metrics-port", str(m)],
                     gpus,
                     f"127.0.0.1:{p}",
+                    f"127.0.0.1:{m}",
                 )
             )
         cfg.rollout.addresses = [r.target for r in rollout]
@@ -454,25 +458,28 @@ def launch_plan(
     # Requests may only name the task modules the env servers were started with.
     modules = sorted(set(cfg.env.train.task_modules) | set(cfg.env.eval.task_modules))
     for s in range(cfg.env.train.num_servers):
-        p = port()
+        p, m = port(), port()
         env.append(
             ProcessPlan(
                 f"env{s}",
-                ["-m", "services.env_server.main", "--port", str(p), "--server-id", f"env{s}"]
+                ["-m", "services.env_server.main", "--port", str(p), "--server-id", f"env{s}",
+                 "--metrics-port", str(m)]
                 + (["--task-modules", *modules] if modules else []),
                 placement["env"],
                 f"127.0.0.1:{p}",
+                f"127.0.0.1:{m}",
             )
-        )
+        )  # fmt: skip
     resolved = Path(cfg.run_dir) / "config.yaml"
     learner_args = ["-m", "services.learner.main"]
     world = cfg.actor_world_size(num_gpus)
     if world > 1:  # FSDP over `world` processes: gloo on the CPU, NCCL on the actor GPUs
         learner_args = ["-m", "torch.distributed.run", "--standalone",
                         f"--nproc_per_node={world}", "-m", "services.learner.main"]  # fmt: skip
-    learner_port = port()
+    learner_port, learner_metrics = port(), port()
     learner_args += ["--config", str(resolved), "--port", str(learner_port),
-                     "--device", _device_of(placement["actor"])]  # fmt: skip
+                     "--device", _device_of(placement["actor"]),
+                     "--metrics-port", str(learner_metrics)]  # fmt: skip
     addresses = cfg.rollout.addresses
     collection = [
         collection_request(cfg, i, addresses[i % len(addresses)], start_iteration, attempt)
@@ -485,12 +492,51 @@ def launch_plan(
         rollout=rollout,
         env=env,
         learner=ProcessPlan(
-            "learner", learner_args, placement["actor"], f"127.0.0.1:{learner_port}"
+            "learner",
+            learner_args,
+            placement["actor"],
+            f"127.0.0.1:{learner_port}",
+            f"127.0.0.1:{learner_metrics}",
         ),
         collection=collection,
         evaluation=evaluation_args(cfg),
         evaluation_servers=[p.target for p in env[: cfg.env.eval.num_servers]],
     )
+
+
+PROMETHEUS_RULES = REPO_ROOT / "deploy" / "prometheus" / "alerts.yml"
+
+
+def prometheus_config(plan: LaunchPlan, scrape_interval_s: float = 5.0) -> dict:
+    """A Prometheus configuration that scrapes every service of the plan (jobs vla-rl-env,
+    vla-rl-rollout, vla-rl-learner; label `instance_name` = the service's name) and loads the
+    alert rules of deploy/prometheus/alerts.yml."""
+    jobs = {"env": plan.env, "rollout": plan.rollout, "learner": [plan.learner]}
+    return {
+        "global": {
+            "scrape_interval": f"{scrape_interval_s:g}s",
+            "evaluation_interval": f"{scrape_interval_s:g}s",
+        },
+        "rule_files": [str(PROMETHEUS_RULES)],
+        "scrape_configs": [
+            {
+                "job_name": f"vla-rl-{job}",
+                "static_configs": [
+                    {"targets": [p.metrics_target], "labels": {"instance_name": p.name}}
+                    for p in procs
+                    if p.metrics_target
+                ],
+            }
+            for job, procs in jobs.items()
+        ],
+    }
+
+
+def write_prometheus_config(plan: LaunchPlan, path: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(prometheus_config(plan), sort_keys=False))
+    return path
 
 
 def wait_until_healthy(launch: Launch, timeout_s: float = 300) -> None:
@@ -723,6 +769,7 @@ def _train(cfg: TrainConfig, launch: Launch, num_gpus: int, check: subprocess.Po
         for proc in plan.rollout + plan.env:
             launch.start(proc.name, [py, *proc.args], gpus=proc.gpus, target=proc.target)
         dump_yaml(cfg, run_dir / "config.yaml")
+        scrape = write_prometheus_config(plan, run_dir / "prometheus.yml")
         wait_until_healthy(launch)
         learner = launch.start(
             "learner", [py, *plan.learner.args], gpus=plan.learner.gpus, to_console=True
@@ -735,7 +782,8 @@ def _train(cfg: TrainConfig, launch: Launch, num_gpus: int, check: subprocess.Po
         print(
             f"vla-rl train: {cfg.runner.max_epochs} iterations of {cfg.algorithm.adv_type.upper()}"
             f" on {cfg.env.train.task_ids} ({cfg.env.train.total_num_envs} envs, "
-            f"{cfg.rollout.engine} engine); logs in {run_dir}",
+            f"{cfg.rollout.engine} engine); logs in {run_dir}; Prometheus: "
+            f"prometheus --config.file={scrape}",
             flush=True,
         )
         while True:

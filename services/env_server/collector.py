@@ -31,6 +31,7 @@ import numpy as np
 from vla_rl.buffer import Segment, TrajectoryBuffer
 from vla_rl.evaluation import annotate, write_video
 
+from . import metrics
 from .env_pool import EnvPool, EnvPoolConfig
 
 log = logging.getLogger("vla_rl.env_server")
@@ -39,6 +40,14 @@ T = TypeVar("T")
 ROLLOUT_PATIENCE_S = 900.0
 """How long collection waits for an unavailable rollout service (a replica restarting loads its
 model, minutes for a 7B) before it fails."""
+
+
+def record_steps(mode: str, steps: int, episodes: list[dict]) -> None:
+    """Count env steps and finished episodes (with their success_once) for /metrics."""
+    metrics.ENV_STEPS.labels(mode).inc(steps)
+    if episodes:
+        metrics.EPISODES.labels(mode).inc(len(episodes))
+        metrics.SUCCESSES.labels(mode).inc(sum(bool(e.get("success_once")) for e in episodes))
 
 
 def _unavailable(error: BaseException) -> bool:
@@ -225,6 +234,7 @@ class Collector:
     def run(self) -> CollectionStats:
         cfg = self.config
         self.stats.state = "running"
+        metrics.COLLECTION_RUNNING.set(1)
         stages = cfg.pipeline_stage_num
         per_stage = cfg.pool.num_envs // stages
         pools: list[EnvPool] = []
@@ -255,7 +265,9 @@ class Collector:
             log.exception("collection failed")
             self.stats.state = "failed"
             self.stats.error = f"{type(e).__name__}: {e}"
+            metrics.COLLECTION_FAILURES.inc()
         finally:
+            metrics.COLLECTION_RUNNING.set(0)
             for pool in pools:
                 pool.close()
         return self.stats
@@ -293,6 +305,10 @@ class Collector:
                 self.stats.episodes += len(step["episodes"])
                 self.stats.env_steps += per_stage * cfg.action_chunk
                 self.stats.policy_version = int(result.policy_version)
+                record_steps(
+                    "train", per_stage * cfg.action_chunk, [e for _, e in step["episodes"]]
+                )
+                metrics.POLICY_VERSION.set(result.policy_version)
                 obs[s] = step["obs"]
                 last_final[s] = step["final_images"]
                 if t + 1 < decisions:  # the next inference overlaps the other stages' physics
@@ -350,7 +366,8 @@ class Collector:
         success = np.zeros(n, bool)
         episodes: list = []
         for c in range(chunk):
-            res = pool.step(np.ascontiguousarray(actions[:, c], dtype=np.float32))
+            with metrics.STEP_SECONDS.time():
+                res = pool.step(np.ascontiguousarray(actions[:, c], dtype=np.float32))
             live = ~(terminated | truncated)
             rewards += np.where(live, res.rewards, 0.0).astype(np.float32)
             success |= live & res.success
@@ -407,3 +424,4 @@ class Collector:
         )
         self.buffer.put(segment)
         self.stats.segments_written += 1
+        metrics.SEGMENTS_WRITTEN.inc()

@@ -10,7 +10,9 @@ import socket
 from vla_rl.rpc import ENV_SERVICE
 from vla_rl.rpc.gen.v1 import env_pb2_grpc
 from vla_rl.rpc.server import add_health_and_reflection, bind, make_server, serve_until_signal
+from vla_rl.telemetry import serve_metrics
 
+from . import metrics
 from .servicer import EnvServicer
 
 log = logging.getLogger("vla_rl.env_server")
@@ -26,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--task-modules", nargs="*", default=[],
                    help="user task modules (import paths) requests may name; importing runs "
                         "their code, so only these and the built-in OOD variants are allowed")  # fmt: skip
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics on this port (0: any free one; unset: off)")  # fmt: skip
     args = p.parse_args(argv)
     servicer = EnvServicer(
         args.server_id or f"{socket.gethostname()}:{args.port}", task_modules=args.task_modules
@@ -35,6 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     add_health_and_reflection(server, [ENV_SERVICE])
     address = f"{args.host}:{args.port}"
     bind(server, address, "env server")
+    if args.metrics_port is not None:
+        serve_metrics(args.metrics_port, args.host, "env server")
+        metrics.EVAL_SESSIONS.set_function(servicer.open_sessions)
     server.start()
     log.info("env server %s listening on %s", servicer.server_id, address)
     serve_until_signal(server, args.grace_s, on_stop=servicer.stop)

@@ -20,7 +20,7 @@ from vla_rl.rpc.rollout_client import RolloutClient
 from vla_rl.rpc.server import map_errors
 from vla_rl.rpc.tensors import from_tensor, to_tensor
 
-from .collector import CollectionConfig, Collector
+from .collector import CollectionConfig, Collector, record_steps
 from .env_pool import EnvPool, EnvPoolConfig, check_action_space, probe_controllers
 from .tasks import check_task_modules, import_task_modules, resolve_task
 
@@ -361,6 +361,9 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
         self._sessions.clear()
 
     # -- evaluation sessions ------------------------------------------------------------------
+    def open_sessions(self) -> int:
+        return len(self._sessions)
+
     def _expire_sessions(self) -> None:
         now = time.monotonic()
         for sid, session in list(self._sessions.items()):
@@ -437,15 +440,19 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
                 f"action must be finite float32 [{dim}] or [C, {dim}], got {list(action.shape)}"
             )
         reward, done, success = 0.0, (False, False), False
+        steps, finished = 0, []
         with session.lock:
             session.last_used = time.monotonic()
             for a in chunk:
                 res = session.pool.step(a[None])
+                steps += 1
+                finished += [stats for _, stats in res.episodes]
                 reward += float(res.rewards[0])
                 success |= bool(res.success[0])
                 done = (bool(res.terminated[0]), bool(res.truncated[0]))
                 if any(done):
                     break
+        record_steps("eval", steps, finished)
         return env_pb2.StepReply(
             image=to_tensor(res.final_images[0]),
             instruction=res.obs.instructions[0],

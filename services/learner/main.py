@@ -28,9 +28,11 @@ from vla_rl.rpc import LEARNER_SERVICE
 from vla_rl.rpc.gen.v1 import learner_pb2, learner_pb2_grpc
 from vla_rl.rpc.rollout_client import RolloutClient
 from vla_rl.rpc.server import add_health_and_reflection, bind, make_server, map_errors
+from vla_rl.telemetry import serve_metrics
 from vla_rl.training.distributed import cleanup, init_distributed, shard_policy
 from vla_rl.training.update import PPOUpdateConfig, make_optimizer
 
+from . import metrics
 from .batch import AdvantageConfig
 from .trainer import Learner, LoopSettings, SegmentTimeout
 
@@ -232,6 +234,7 @@ class Replicas:
                 continue  # still down
             if served < version and self._push(client, blob, version):
                 self.resynced += 1
+                metrics.REPLICA_RESYNCS.inc()
                 log.info("replica %s was at version %d: pushed version %d",
                          client.target, served, version)  # fmt: skip
 
@@ -262,13 +265,13 @@ def make_metric_logger(settings: dict, config: dict):
             )
         )
 
-    def log_metrics(metrics: dict[str, float], step: int) -> None:
+    def log_metrics(values: dict[str, float], step: int) -> None:
         for w in writers:
-            for key, value in metrics.items():
+            for key, value in values.items():
                 w.add_scalar(key, value, step)
             w.flush()
         for run in runs:
-            run.log(dict(metrics), step=step)
+            run.log(dict(values), step=step)
 
     def close() -> None:
         for w in writers:
@@ -289,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run-id", default="",
                    help="train only on segments of this run id (this launch); others are "
                         "acknowledged and counted as from an earlier launch")  # fmt: skip
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics on this port (0: any free one; unset: off)")  # fmt: skip
     args = p.parse_args(argv)
     cfg = load_config(args.config, [])
     plan = learner_plan(cfg)
@@ -299,9 +304,13 @@ def main(argv: list[str] | None = None) -> None:
     if not plan.model_path:
         raise SystemExit("learner: actor.model.model_path must name a checkpoint directory")
     server = None
+    exporter = None
     if info.is_main:  # listen before the model loads: a taken port costs seconds
         server = make_server(max_workers=4)
         bind(server, f"{args.host}:{args.port}", "learner")
+        if args.metrics_port is not None:
+            serve_metrics(args.metrics_port, args.host, "learner")
+            exporter = metrics.Exporter()
     policy = load_policy(plan.model_path, dtype=_DTYPES[plan.precision], device=device)
     check_model(policy, plan)
     apply_lora(policy, plan.lora)
@@ -318,6 +327,14 @@ def main(argv: list[str] | None = None) -> None:
         buffer = from_url(**plan.buffer, consumer="learner-0")
         replicas = Replicas(plan.rollout_targets)
         log_metrics, close_loggers = make_metric_logger(plan.logger, to_dict(cfg))
+        if exporter is not None:
+            exporter.watch_buffer(buffer)
+            to_loggers = log_metrics
+
+            def log_metrics(values: dict[str, float], step: int) -> None:
+                to_loggers(values, step)
+                exporter.log(values, step)
+
     learner = Learner(
         policy,
         PromptTokenizer(load_tokenizer(plan.model_path)),

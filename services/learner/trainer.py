@@ -300,6 +300,7 @@ class Learner:
                     / len(segments)
                 ),
                 "rollout/num_segments": float(len(segments)),
+                "rollout/env_steps": float(sum(len(s.rewards) for s in segments)),
             }
         )
         self.last_metrics = metrics

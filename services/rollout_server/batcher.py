@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import metrics
 from .engines.base import Engine, EngineOutput
 
 log = logging.getLogger("vla_rl.rollout_server")
@@ -75,6 +76,10 @@ class DynamicBatcher:
         req = _Request(images, list(instructions), float(temperature), int(top_k), greedy, seed)
         self._queue.put(req)
         return req.future
+
+    def queue_depth(self) -> int:
+        """Requests waiting for the engine (queued, or taken and held for a later batch)."""
+        return self._queue.qsize() + len(self._held)
 
     def close(self) -> None:
         self._stopped = True
@@ -190,6 +195,7 @@ class DynamicBatcher:
                     )
                 )
                 self.batch_sizes.append(len(instructions[start : start + step]))
+                metrics.BATCH_SIZE.observe(self.batch_sizes[-1])
             if len({o.policy_version for o in outs}) == 1:
                 break
         else:

@@ -10,7 +10,9 @@ from vla_rl.models import ActionNormalizer, read_config
 from vla_rl.rpc import ROLLOUT_SERVICE
 from vla_rl.rpc.gen.v1 import rollout_pb2_grpc
 from vla_rl.rpc.server import add_health_and_reflection, bind, make_server, serve_until_signal
+from vla_rl.telemetry import safely, serve_metrics
 
+from . import metrics
 from .batcher import DynamicBatcher
 from .servicer import RolloutServicer
 
@@ -60,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--unnorm-key", default=None)
     p.add_argument("--base-model-id", default=None, help="reported by GetPolicy")
     p.add_argument("--grace-s", type=float, default=5.0)
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics on this port (0: any free one; unset: off)")  # fmt: skip
     p.add_argument("--min-policy-version", type=int, default=0,
                    help="answer Act with UNAVAILABLE until a pushed adapter reaches this version "
                         "(a replica restarted mid-run waits for the current policy)")  # fmt: skip
@@ -72,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     server = make_server()
     address = f"{args.host}:{args.port}"
     bind(server, address, "rollout server")  # before the model loads
+    if args.metrics_port is not None:
+        serve_metrics(args.metrics_port, args.host, "rollout server")
     config = read_config(args.checkpoint)
     normalizer = ActionNormalizer.from_norm_stats(config.norm_stats, args.unnorm_key)
     engine = build_engine(args)
@@ -85,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         action_dim=int(config.action_dim),
         min_policy_version=args.min_policy_version,
     )
+    metrics.QUEUE_DEPTH.set_function(batcher.queue_depth)
+    metrics.POLICY_VERSION.set_function(safely(lambda: engine.policy_version))
     rollout_pb2_grpc.add_RolloutServiceServicer_to_server(servicer, server)
     add_health_and_reflection(server, [ROLLOUT_SERVICE])
     server.start()

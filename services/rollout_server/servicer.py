@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -12,9 +13,10 @@ import numpy as np
 from vla_rl.models import ActionNormalizer, ActionTokenizer
 from vla_rl.models.lora import adapter_metadata
 from vla_rl.rpc.gen.v1 import rollout_pb2, rollout_pb2_grpc
-from vla_rl.rpc.server import map_errors
+from vla_rl.rpc.server import map_errors, status_of
 from vla_rl.rpc.tensors import from_tensor, to_tensor
 
+from . import metrics
 from .batcher import DynamicBatcher
 from .engines.base import AdapterError, Engine, EngineOutput, validate_batch
 
@@ -106,17 +108,43 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     # -- RPCs ---------------------------------------------------------------------------------
     @map_errors
     def Act(self, request, context):
-        self._check_policy(context)
-        return self._act(request)
+        with metrics.REQUEST_SECONDS.time():
+            try:
+                self._check_policy(context)
+                reply = self._act(request)
+            except Exception as e:
+                metrics.REQUESTS.labels(status_of(e, context).name).inc()
+                raise
+        metrics.REQUESTS.labels("OK").inc()
+        metrics.ACTIONS.inc(len(request.instructions))
+        return reply
 
     @map_errors
     def ActStream(self, request_iterator, context):
         for request in request_iterator:
-            self._check_policy(context)
-            yield self._act(request)
+            start = time.monotonic()
+            try:
+                self._check_policy(context)
+                reply = self._act(request)
+            except Exception as e:
+                metrics.REQUESTS.labels(status_of(e, context).name).inc()
+                raise
+            metrics.REQUEST_SECONDS.observe(time.monotonic() - start)
+            metrics.REQUESTS.labels("OK").inc()
+            metrics.ACTIONS.inc(len(request.instructions))
+            yield reply
 
     @map_errors
     def PushAdapter(self, request_iterator, context):
+        try:
+            reply = self._push_adapter(request_iterator, context)
+        except Exception:
+            metrics.ADAPTER_PUSHES.labels("refused").inc()
+            raise
+        metrics.ADAPTER_PUSHES.labels("loaded").inc()
+        return reply
+
+    def _push_adapter(self, request_iterator, context) -> rollout_pb2.PushAdapterReply:
         header = None
         parts: list[bytes] = []
         received = 0

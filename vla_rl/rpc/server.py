@@ -171,6 +171,19 @@ _CALLER_ERRORS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 _PASSED_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
+def status_of(exc: Exception, context: grpc.ServicerContext) -> grpc.StatusCode:
+    """The status `map_errors` answers `exc` with (for metrics counting answers by code)."""
+    code = context.code()
+    if code is not None and code != grpc.StatusCode.OK:
+        return code  # set by context.abort
+    for exc_type, status in _CALLER_ERRORS:
+        if isinstance(exc, exc_type):
+            return status
+    if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call) and exc.code() in _PASSED_ON:
+        return exc.code()
+    return grpc.StatusCode.INTERNAL
+
+
 def _abort_with_status(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
     code = context.code()
     if code is not None and code != grpc.StatusCode.OK:
