@@ -39,3 +39,9 @@ POLICY_VERSION = Gauge(
     "vla_rl_env_policy_version", "Policy version of the latest actions collection received"
 )
 EVAL_SESSIONS = Gauge("vla_rl_env_eval_sessions", "Evaluation sessions open")
+
+# Every mode's series exists from the start (at 0), so rates and ratios have data before the
+# first eval episode.
+for _mode in ("train", "eval"):
+    for _family in (ENV_STEPS, EPISODES, SUCCESSES):
+        _family.labels(_mode)

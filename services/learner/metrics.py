@@ -55,6 +55,13 @@ _DROPS = {
 }
 
 
+# Every label's series exists from the start (at 0).
+for _phase in _PHASES:
+    PHASE_SECONDS.labels(_phase)
+for _reason in _DROPS.values():
+    SEGMENTS_DROPPED.labels(_reason)
+
+
 class Exporter:
     """Turns the learner's per-iteration metrics (the TensorBoard dict) into the families above."""
 

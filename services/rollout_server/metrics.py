@@ -34,3 +34,6 @@ ADAPTER_PUSHES = Counter(
     "PushAdapter calls, by result (loaded or refused)",
     ["result"],
 )
+
+for _result in ("loaded", "refused"):
+    ADAPTER_PUSHES.labels(_result)
