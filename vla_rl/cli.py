@@ -43,6 +43,38 @@ def _tiny_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVICES = {
+    "env": "services.env_server.main",
+    "rollout": "services.rollout_server.main",
+    "learner": "services.learner.main",
+}
+
+
+def _serve(args: argparse.Namespace, rest: list[str]) -> int:
+    """Replace this process with one service (the container image's command): its flags follow."""
+    import os
+
+    module = SERVICES[args.service]
+    os.execv(sys.executable, [sys.executable, "-m", module, *rest])
+    return 1  # not reached
+
+
+def _health(args: argparse.Namespace) -> int:
+    """0 when the gRPC server at the target reports SERVING (grpc.health.v1), else 1 with why:
+    the image's HEALTHCHECK and compose's healthchecks."""
+    import os
+
+    from vla_rl.rpc.client import wait_for_health
+
+    target = args.target or os.environ.get("VLA_RL_HEALTH_TARGET", "127.0.0.1:50051")
+    try:
+        wait_for_health(target, timeout_s=args.timeout)
+    except TimeoutError as e:
+        print(f"vla-rl health: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _experiment(args: argparse.Namespace) -> int:
     from vla_rl.experiment import run_experiment
 
@@ -223,6 +255,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(exp)
     exp.set_defaults(func=_experiment)
+
+    serve = sub.add_parser(
+        "serve",
+        add_help=False,  # --help goes to the service
+        help="run one service in the foreground (env, rollout or learner); its flags follow",
+        description="Runs `python -m services.<service>_server.main` (or services.learner.main) "
+        "with the remaining arguments: `vla-rl serve rollout --checkpoint /models/openvla-7b`.",
+    )
+    serve.add_argument("service", choices=sorted(SERVICES))
+    serve.set_defaults(func=_serve, passthrough=True)
+
+    health = sub.add_parser("health", help="exit 0 if a gRPC service reports SERVING")
+    health.add_argument("target", nargs="?", default=None,
+                        help="host:port (default: $VLA_RL_HEALTH_TARGET or 127.0.0.1:50051)")  # fmt: skip
+    health.add_argument("--timeout", type=float, default=5.0)
+    health.set_defaults(func=_health)
 
     tiny = sub.add_parser("tiny-checkpoint", help="write a tiny random OpenVLA checkpoint")
     tiny.add_argument("path")
