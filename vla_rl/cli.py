@@ -75,6 +75,18 @@ def _health(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attach(args: argparse.Namespace) -> int:
+    from vla_rl.attach import attach
+    from vla_rl.config import ConfigError
+
+    try:
+        return attach(args.config, args.overrides, args.env, args.learner, args.wait_s,
+                      log=lambda line: print(line, flush=True))  # fmt: skip
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
 def _experiment(args: argparse.Namespace) -> int:
     from vla_rl.experiment import run_experiment
 
@@ -265,6 +277,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("service", choices=sorted(SERVICES))
     serve.set_defaults(func=_serve, passthrough=True)
+
+    att = sub.add_parser(
+        "attach",
+        help="drive a run on services started elsewhere (compose, Kubernetes, by hand)",
+        description="Starts collection on the given env servers at the learner's iteration, "
+        "starts it again on an env server that comes back after a restart, and writes "
+        "summary.json when the rollout (rollout.addresses) serves the final policy.",
+    )
+    att.add_argument("--config", default=None, help="the run's config (the learner's)")
+    att.add_argument("--env", action="append", required=True, metavar="HOST:PORT",
+                     help="an env server (repeat for each, in env.train order)")  # fmt: skip
+    att.add_argument("--learner", required=True, metavar="HOST:PORT")
+    att.add_argument("--wait-s", type=float, default=600.0,
+                     help="how long a service may be unreachable before the run fails")  # fmt: skip
+    att.add_argument("overrides", nargs="*")
+    att.set_defaults(func=_attach)
 
     health = sub.add_parser("health", help="exit 0 if a gRPC service reports SERVING")
     health.add_argument("target", nargs="?", default=None,
