@@ -87,6 +87,18 @@ def _attach(args: argparse.Namespace) -> int:
         return 2
 
 
+def _compose(args: argparse.Namespace) -> int:
+    from vla_rl.compose import write_or_check
+    from vla_rl.launch import REPO_ROOT
+
+    stale = write_or_check(REPO_ROOT, check=args.check)
+    if args.check and stale:
+        print("out of date (run `vla-rl compose`): " + ", ".join(map(str, stale)), file=sys.stderr)
+        return 1
+    print("up to date" if args.check else "wrote docker-compose.yml and deploy/compose/")
+    return 0
+
+
 def _experiment(args: argparse.Namespace) -> int:
     from vla_rl.experiment import run_experiment
 
@@ -293,6 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how long a service may be unreachable before the run fails")  # fmt: skip
     att.add_argument("overrides", nargs="*")
     att.set_defaults(func=_attach)
+
+    comp = sub.add_parser(
+        "compose",
+        help="write docker-compose.yml (profiles cpu and gpu) from the run configs",
+        description="Generates docker-compose.yml and deploy/compose/<profile>/ (the resolved "
+        "config and the Prometheus scrape config) with the service flags vla-rl train uses.",
+    )
+    comp.add_argument("--check", action="store_true",
+                      help="only compare; exit 1 if the files are out of date")  # fmt: skip
+    comp.set_defaults(func=_compose)
 
     health = sub.add_parser("health", help="exit 0 if a gRPC service reports SERVING")
     health.add_argument("target", nargs="?", default=None,

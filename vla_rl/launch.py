@@ -429,10 +429,13 @@ def launch_plan(
     model_path: str,
     buffer_url: str,
     start_iteration: int = 0,
-    port: Callable[[], int] = free_port,
+    port: Callable[[str], int] = lambda kind: free_port(),
     attempt: str = "",
+    host: Callable[[str], str] = lambda name: "127.0.0.1",
 ) -> LaunchPlan:
-    """The services of one run on this machine, placed per cluster.component_placement."""
+    """The services of one run, placed per cluster.component_placement: on this machine by
+    default; `port(kind)` ("grpc" or "metrics") and `host(service name)` give the addresses
+    elsewhere (docker compose: a fixed port in each container, the service name as host)."""
     cfg = copy.deepcopy(cfg)
     cfg.actor.model.model_path = model_path
     cfg.buffer.url = buffer_url
@@ -442,15 +445,15 @@ def launch_plan(
         ranks = placement["rollout"]
         for r in range(cfg.rollout.replicas):
             gpus = ranks if ranks == "cpu" else [ranks[r % len(ranks)]]
-            p, m = port(), port()
+            p, m, name = port("grpc"), port("metrics"), f"rollout{r}"
             rollout.append(
                 ProcessPlan(
-                    f"rollout{r}",
+                    name,
                     rollout_server_args(cfg, model_path, p, _device_of(gpus))
                     + ["--metrics-port", str(m)],
                     gpus,
-                    f"127.0.0.1:{p}",
-                    f"127.0.0.1:{m}",
+                    f"{host(name)}:{p}",
+                    f"{host(name)}:{m}",
                 )
             )
         cfg.rollout.addresses = [r.target for r in rollout]
@@ -458,16 +461,16 @@ def launch_plan(
     # Requests may only name the task modules the env servers were started with.
     modules = sorted(set(cfg.env.train.task_modules) | set(cfg.env.eval.task_modules))
     for s in range(cfg.env.train.num_servers):
-        p, m = port(), port()
+        p, m, name = port("grpc"), port("metrics"), f"env{s}"
         env.append(
             ProcessPlan(
-                f"env{s}",
-                ["-m", "services.env_server.main", "--port", str(p), "--server-id", f"env{s}",
+                name,
+                ["-m", "services.env_server.main", "--port", str(p), "--server-id", name,
                  "--metrics-port", str(m)]
                 + (["--task-modules", *modules] if modules else []),
                 placement["env"],
-                f"127.0.0.1:{p}",
-                f"127.0.0.1:{m}",
+                f"{host(name)}:{p}",
+                f"{host(name)}:{m}",
             )
         )  # fmt: skip
     resolved = Path(cfg.run_dir) / "config.yaml"
@@ -476,7 +479,7 @@ def launch_plan(
     if world > 1:  # FSDP over `world` processes: gloo on the CPU, NCCL on the actor GPUs
         learner_args = ["-m", "torch.distributed.run", "--standalone",
                         f"--nproc_per_node={world}", "-m", "services.learner.main"]  # fmt: skip
-    learner_port, learner_metrics = port(), port()
+    learner_port, learner_metrics = port("grpc"), port("metrics")
     learner_args += ["--config", str(resolved), "--port", str(learner_port),
                      "--device", _device_of(placement["actor"]),
                      "--metrics-port", str(learner_metrics)]  # fmt: skip
@@ -495,8 +498,8 @@ def launch_plan(
             "learner",
             learner_args,
             placement["actor"],
-            f"127.0.0.1:{learner_port}",
-            f"127.0.0.1:{learner_metrics}",
+            f"{host('learner')}:{learner_port}",
+            f"{host('learner')}:{learner_metrics}",
         ),
         collection=collection,
         evaluation=evaluation_args(cfg),
@@ -507,17 +510,19 @@ def launch_plan(
 PROMETHEUS_RULES = REPO_ROOT / "deploy" / "prometheus" / "alerts.yml"
 
 
-def prometheus_config(plan: LaunchPlan, scrape_interval_s: float = 5.0) -> dict:
+def prometheus_config(
+    plan: LaunchPlan, scrape_interval_s: float = 5.0, rules: str = str(PROMETHEUS_RULES)
+) -> dict:
     """A Prometheus configuration that scrapes every service of the plan (jobs vla-rl-env,
     vla-rl-rollout, vla-rl-learner; label `instance_name` = the service's name) and loads the
-    alert rules of deploy/prometheus/alerts.yml."""
+    alert rules of deploy/prometheus/alerts.yml (at `rules`)."""
     jobs = {"env": plan.env, "rollout": plan.rollout, "learner": [plan.learner]}
     return {
         "global": {
             "scrape_interval": f"{scrape_interval_s:g}s",
             "evaluation_interval": f"{scrape_interval_s:g}s",
         },
-        "rule_files": [str(PROMETHEUS_RULES)],
+        "rule_files": [rules],
         "scrape_configs": [
             {
                 "job_name": f"vla-rl-{job}",

@@ -13,7 +13,7 @@ shows to every user of the machine, and never from the run's config, which is wr
     VLA_RL_TLS_CLIENT_AUTH              "1": servers require a client certificate signed by the CA
     VLA_RL_TLS_SERVER_NAME              the name clients expect in server certificates, when it
                                         is not the host of the address they dial
-    VLA_RL_REDIS_USERNAME, VLA_RL_REDIS_PASSWORD
+    VLA_RL_REDIS_USERNAME, VLA_RL_REDIS_PASSWORD or VLA_RL_REDIS_PASSWORD_FILE
                                         a Redis ACL user (or only a password: `requirepass`)
 
 `vla-rl train` and `vla-rl eval` generate a random token (and a Redis password for the
@@ -41,6 +41,7 @@ TLS_CLIENT_AUTH_ENV = "VLA_RL_TLS_CLIENT_AUTH"
 TLS_SERVER_NAME_ENV = "VLA_RL_TLS_SERVER_NAME"
 REDIS_USERNAME_ENV = "VLA_RL_REDIS_USERNAME"
 REDIS_PASSWORD_ENV = "VLA_RL_REDIS_PASSWORD"
+REDIS_PASSWORD_FILE_ENV = "VLA_RL_REDIS_PASSWORD_FILE"
 
 
 class CredentialsError(ValueError):
@@ -112,6 +113,12 @@ def from_env(environ: Mapping[str, str] = os.environ) -> Credentials:
         raise CredentialsError(
             f"{TLS_CLIENT_AUTH_ENV}=1 needs {TLS_CA_ENV}, {TLS_CERT_ENV} and {TLS_KEY_ENV}"
         )
+    redis_password = environ.get(REDIS_PASSWORD_ENV) or None
+    password_file = _read(environ, REDIS_PASSWORD_FILE_ENV)
+    if redis_password is not None and password_file is not None:
+        raise CredentialsError(f"set {REDIS_PASSWORD_ENV} or {REDIS_PASSWORD_FILE_ENV}, not both")
+    if password_file is not None:
+        redis_password = password_file.decode("utf-8", "replace").strip() or None
     return Credentials(
         token=token,
         tls_cert=cert,
@@ -120,7 +127,7 @@ def from_env(environ: Mapping[str, str] = os.environ) -> Credentials:
         client_auth=client_auth == "1",
         server_name=environ.get(TLS_SERVER_NAME_ENV) or None,
         redis_username=environ.get(REDIS_USERNAME_ENV) or None,
-        redis_password=environ.get(REDIS_PASSWORD_ENV) or None,
+        redis_password=redis_password,
     )
 
 
@@ -158,7 +165,7 @@ def for_run(environ: Mapping[str, str], *, local_redis: bool) -> tuple[Credentia
         child_env[TOKEN_ENV] = creds.token
     if local_redis:  # its default user gets the password (launch.write_redis_acl)
         creds = replace(creds, redis_username=None, redis_password=new_secret())
-        child_env[REDIS_USERNAME_ENV] = ""
+        child_env[REDIS_USERNAME_ENV] = child_env[REDIS_PASSWORD_FILE_ENV] = ""
         child_env[REDIS_PASSWORD_ENV] = creds.redis_password
     return creds, child_env
 

@@ -18,8 +18,7 @@ from .servicer import EnvServicer
 log = logging.getLogger("vla_rl.env_server")
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s env %(levelname)s %(message)s")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="An env server: ManiSkill3 envs streaming to rollout.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
@@ -30,7 +29,12 @@ def main(argv: list[str] | None = None) -> None:
                         "their code, so only these and the built-in OOD variants are allowed")  # fmt: skip
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics on this port (0: any free one; unset: off)")  # fmt: skip
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s env %(levelname)s %(message)s")
+    args = parse_args(argv)
     servicer = EnvServicer(
         args.server_id or f"{socket.gethostname()}:{args.port}", task_modules=args.task_modules
     )

@@ -282,8 +282,7 @@ def make_metric_logger(settings: dict, config: dict):
     return log_metrics, close
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s learner %(levelname)s %(message)s")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="The learner: PPO / GRPO updates, adapter push.")
     p.add_argument("--config", required=True, help="the run's resolved config.yaml")
     p.add_argument("--host", default="127.0.0.1")
@@ -294,7 +293,12 @@ def main(argv: list[str] | None = None) -> None:
                         "acknowledged and counted as from an earlier launch")  # fmt: skip
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics on this port (0: any free one; unset: off)")  # fmt: skip
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s learner %(levelname)s %(message)s")
+    args = parse_args(argv)
     cfg = load_config(args.config, [])
     plan = learner_plan(cfg)
     plan.loop.run_id = args.run_id

@@ -167,7 +167,7 @@ def observe(cfg: TrainConfig) -> dict:
         num_gpus=8,
         model_path=cfg.actor.model.model_path or "/run/tiny_model",
         buffer_url=cfg.buffer.url or f"{buffer_kind(cfg, redis_installed=True)}://local",
-        port=lambda: next(ports),
+        port=lambda kind: next(ports),
     )
     return {
         "tiny_model": tiny_model_spec(cfg),
