@@ -9,7 +9,8 @@ generated scrape config and deploy/prometheus/alerts.yml), Grafana (deploy/grafa
 TensorBoard come with it. Secrets (the bearer token, the Redis password) are files under
 ./secrets/, made by scripts/compose_secrets.sh.
 
-    vla-rl compose            # rewrite docker-compose.yml and deploy/compose/<profile>/*
+    vla-rl compose            # rewrite docker-compose.yml, deploy/compose/<profile>/* and the
+                              # Helm chart's copies of the alerts and dashboards
     vla-rl compose --check    # exit 1 if they differ from what the configs give
 """
 
@@ -251,6 +252,11 @@ def project() -> tuple[dict, dict[Path, str]]:
         "volumes": {"runs": {}, "redis": {}},
     }
     files[Path("docker-compose.yml")] = HEADER + yaml.safe_dump(document, sort_keys=False)
+    # The Helm chart can only read files inside itself: copies of the alerts and dashboards.
+    chart = Path("deploy") / "helm" / "vla-rl" / "files"
+    files[chart / "alerts.yml"] = (REPO_ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()
+    for board in sorted((REPO_ROOT / "deploy" / "grafana" / "dashboards").glob("*.json")):
+        files[chart / "dashboards" / board.name] = board.read_text()
     return document, files
 
 

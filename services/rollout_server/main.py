@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from vla_rl.config.schema import ENGINES, PRECISIONS, RolloutConfig
 from vla_rl.models import ActionNormalizer, read_config
@@ -48,8 +49,27 @@ def build_engine(args: argparse.Namespace):
     return VLLMEngine(args.checkpoint, **options)
 
 
+def from_run_config(argv: list[str]) -> list[str]:
+    """`--config FILE` stands for the flags `vla-rl train` would derive from that run config
+    (checkpoint, engine, precision, batching: launch.rollout_server_args); flags given beside it
+    win. A Kubernetes pod passes the run's config instead of a second copy of its values."""
+    if "--config" not in argv:
+        return argv
+    i = argv.index("--config")
+    from vla_rl.config import load_config
+    from vla_rl.launch import rollout_server_args
+
+    cfg = load_config(argv[i + 1], [])
+    derived = rollout_server_args(cfg, cfg.actor.model.model_path or "", 50052, "cpu")[2:]
+    return derived + argv[:i] + argv[i + 2 :]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = from_run_config(list(sys.argv[1:] if argv is None else argv))
     p = argparse.ArgumentParser(description="The rollout server: serves OpenVLA actions.")
+    p.add_argument("--config", default=None,
+                   help="a run config: the flags vla-rl train derives from it (checkpoint, "
+                        "engine, precision, batching); flags given beside it win")  # fmt: skip
     p.add_argument("--checkpoint", required=True, help="OpenVLA checkpoint directory")
     p.add_argument("--engine", default=_DEFAULTS.engine, choices=list(ENGINES))
     p.add_argument("--host", default="127.0.0.1")
