@@ -87,6 +87,8 @@ class LearnerPlan:
     loop: LoopSettings
     buffer: dict
     rollout_targets: list[str]
+    rollout_discovery: str
+    """Kubernetes Service whose EndpointSlices name the replicas ("": rollout_targets)."""
     logger: dict
     seed: int
 
@@ -141,6 +143,7 @@ def learner_plan(cfg: TrainConfig) -> LearnerPlan:
             "maxlen": cfg.buffer.maxlen,
         },
         rollout_targets=list(cfg.rollout.addresses),
+        rollout_discovery=cfg.rollout.discovery_service,
         logger={
             "backends": list(cfg.runner.logger.logger_backends),
             "dir": cfg.run_dir,
@@ -188,9 +191,26 @@ class Replicas:
 
     def __init__(self, targets: list[str]) -> None:
         self.clients = [RolloutClient(t) for t in targets]
-        self.pool = ThreadPoolExecutor(max(1, len(self.clients)))
+        self.pool = ThreadPoolExecutor(8)
         self.latest: tuple[bytes, int] | None = None
         self.resynced = 0
+        self._lock = threading.Lock()  # set_targets comes from the discovery thread
+
+    def set_targets(self, targets: list[str]) -> None:
+        """The replicas now (Kubernetes discovery): new ones get the latest adapter at the next
+        resync, before they serve a stale policy for long; gone ones are closed."""
+        with self._lock:
+            keep = [c for c in self.clients if c.target in targets]
+            for client in self.clients:
+                if client.target not in targets:
+                    client.close()
+            known = {c.target for c in keep}
+            self.clients = keep + [RolloutClient(t) for t in targets if t not in known]
+        log.info("rollout replicas: %s", targets)
+
+    def _current(self) -> list[RolloutClient]:
+        with self._lock:
+            return list(self.clients)
 
     def _push(self, client: RolloutClient, blob: bytes, version: int) -> bool:
         """False when the replica is unavailable; any other refusal is an error."""
@@ -220,14 +240,14 @@ class Replicas:
 
     def publish(self, blob: bytes, version: int) -> None:
         self.latest = (blob, version)
-        list(self.pool.map(lambda c: self._push_or_has(c, blob, version), self.clients))
+        list(self.pool.map(lambda c: self._push_or_has(c, blob, version), self._current()))
 
     def resync(self) -> None:
         """Push the latest adapter to every replica that serves an older version."""
         if self.latest is None:
             return
         blob, version = self.latest
-        for client in self.clients:
+        for client in self._current():
             try:
                 served = client.policy().policy_version
             except grpc.RpcError:
@@ -239,7 +259,7 @@ class Replicas:
                          client.target, served, version)  # fmt: skip
 
     def close(self) -> None:
-        for client in self.clients:
+        for client in self._current():
             client.close()
         self.pool.shutdown()
 
@@ -329,7 +349,11 @@ def main(argv: list[str] | None = None) -> None:
     close_loggers = lambda: None  # noqa: E731
     if info.is_main:
         buffer = from_url(**plan.buffer, consumer="learner-0")
-        replicas = Replicas(plan.rollout_targets)
+        replicas = Replicas([] if plan.rollout_discovery else plan.rollout_targets)
+        if plan.rollout_discovery:
+            from vla_rl.discovery import in_cluster_watcher
+
+            in_cluster_watcher(plan.rollout_discovery, replicas.set_targets)
         log_metrics, close_loggers = make_metric_logger(plan.logger, to_dict(cfg))
         if exporter is not None:
             exporter.watch_buffer(buffer)

@@ -469,3 +469,15 @@ def test_gather_rejects_segments_of_a_policy_version_never_published():
     assert [r.segment.segment_id for r in got] == ["run-env0-3-1"]
     assert learner.foreign_rejected == 1 and buffer.dead_letters() == 1
     assert buffer.pending() == 1  # the taken one; the rejected one is acked
+
+
+def test_replicas_follow_discovered_targets_keeping_known_clients():
+    from services.learner.main import Replicas
+
+    replicas = Replicas([])
+    replicas.set_targets(["10.0.0.1:50051", "10.0.0.2:50051"])
+    first = {c.target: c for c in replicas.clients}
+    replicas.set_targets(["10.0.0.2:50051", "10.0.0.3:50051"])
+    assert [c.target for c in replicas.clients] == ["10.0.0.2:50051", "10.0.0.3:50051"]
+    assert replicas.clients[0] is first["10.0.0.2:50051"]  # a known replica keeps its channel
+    replicas.close()

@@ -403,6 +403,10 @@ class RolloutConfig:
     """Rollout server replicas (with addresses: their count)."""
     addresses: list[str] = field(default_factory=list)
     """'host:port' of running rollout replicas; empty: launch `replicas` locally."""
+    discovery_service: str = ""
+    """Kubernetes: the Service whose EndpointSlices list the rollout replicas; the learner
+    watches them in its own namespace and pushes the current policy to each replica that
+    appears (addresses then only serve env servers and evaluation). "": the addresses."""
     gpu_memory_utilization: float = 0.3
     """vllm: fraction of the GPU it may take (the rest is left to collocated components)."""
     precision: str | None = None

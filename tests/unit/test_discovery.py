@@ -1,0 +1,192 @@
+"""Rollout replica discovery from EndpointSlices, against a fake Kubernetes API server on
+loopback that speaks the real protocol (list, watch as a stream of JSON events, 410 Gone for a
+compacted resourceVersion) to the real `kubernetes` client: replicas that appear, become unready
+or go away are reported, and a 410 makes the watcher list again without losing changes."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+kubernetes = pytest.importorskip("kubernetes", reason="the kubernetes client is not installed")
+
+from vla_rl.discovery import SERVICE_LABEL, EndpointSliceWatcher  # noqa: E402
+
+NAMESPACE, SERVICE = "rl", "run-vla-rl-rollout"
+PATH = f"/apis/discovery.k8s.io/v1/namespaces/{NAMESPACE}/endpointslices"
+
+
+class FakeAPIServer:
+    """EndpointSlices of one namespace with a resourceVersion counter and an event log."""
+
+    def __init__(self) -> None:
+        self.version = 1
+        self.slices: dict[str, dict] = {}
+        self.events: list[tuple[int, str, dict]] = []
+        self.oldest = 0  # watches from an older resourceVersion get 410 Gone
+        self.lists = 0
+        self.cond = threading.Condition()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"  # the body ends when the connection closes
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                url = urlsplit(self.path)
+                query = {k: v[0] for k, v in parse_qs(url.query).items()}
+                if url.path != PATH or query.get("labelSelector") != f"{SERVICE_LABEL}={SERVICE}":
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                if query.get("watch") in ("true", "1", "True"):
+                    fake.stream(self.wfile, int(query["resourceVersion"]),
+                                float(query.get("timeoutSeconds", 5)))  # fmt: skip
+                else:
+                    self.wfile.write(json.dumps(fake.listing()).encode())
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        self.host = f"http://127.0.0.1:{self.http.server_address[1]}"
+
+    def listing(self) -> dict:
+        with self.cond:
+            self.lists += 1
+            return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList",
+                    "metadata": {"resourceVersion": str(self.version)},
+                    "items": list(self.slices.values())}  # fmt: skip
+
+    def stream(self, out, since: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self.cond:
+            if since < self.oldest:
+                gone = {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "metadata": {},
+                    "status": "Failure",
+                    "message": "too old resource version",
+                    "reason": "Expired",
+                    "code": 410,
+                }
+                out.write((json.dumps({"type": "ERROR", "object": gone}) + "\n").encode())
+                return
+            while time.monotonic() < deadline:
+                for version, kind, obj in self.events:
+                    if version > since:
+                        out.write((json.dumps({"type": kind, "object": obj}) + "\n").encode())
+                        out.flush()
+                        since = version
+                self.cond.wait(0.1)
+
+    def put(self, name: str, endpoints: list[tuple[str, bool | None]]) -> None:
+        with self.cond:
+            self.version += 1
+            kind = "MODIFIED" if name in self.slices else "ADDED"
+            obj = {
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": name, "namespace": NAMESPACE,
+                             "resourceVersion": str(self.version),
+                             "labels": {SERVICE_LABEL: SERVICE}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": [ip]} | ({} if ready is None else
+                              {"conditions": {"ready": ready}}) for ip, ready in endpoints],
+                "ports": [{"name": "grpc", "port": 50051, "protocol": "TCP"}],
+            }  # fmt: skip
+            self.slices[name] = obj
+            self.events.append((self.version, kind, obj))
+            self.cond.notify_all()
+
+    def delete(self, name: str) -> None:
+        with self.cond:
+            self.version += 1
+            obj = dict(self.slices.pop(name))
+            obj["metadata"] = {**obj["metadata"], "resourceVersion": str(self.version)}
+            self.events.append((self.version, "DELETED", obj))
+            self.cond.notify_all()
+
+    def compact(self) -> None:
+        """Forget the event log: watches from before now get 410 Gone."""
+        with self.cond:
+            self.oldest = self.version + 1
+            self.events.clear()
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        self.http.shutdown()
+
+
+@pytest.fixture
+def api_server():
+    server = FakeAPIServer()
+    yield server
+    server.close()
+
+
+def _client(host: str):
+    from kubernetes import client
+
+    config = client.Configuration()
+    config.host = host
+    return client.DiscoveryV1Api(client.ApiClient(config))
+
+
+def _expect(changes: queue.Queue, targets: list[str], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    seen = []
+    while time.monotonic() < deadline:
+        try:
+            seen.append(changes.get(timeout=0.2))
+        except queue.Empty:
+            continue
+        if seen[-1] == targets:
+            return
+    raise AssertionError(f"never reported {targets}; reported {seen}")
+
+
+def test_replicas_appear_become_unready_and_go_away(api_server):
+    api_server.put("a", [("10.0.0.1", True), ("10.0.0.2", None)])
+    changes: queue.Queue = queue.Queue()
+    watcher = EndpointSliceWatcher(_client(api_server.host), NAMESPACE, SERVICE, changes.put,
+                                   watch_timeout_s=2).start()  # fmt: skip
+    try:
+        _expect(changes, ["10.0.0.1:50051", "10.0.0.2:50051"])  # from the first list
+        api_server.put("b", [("10.0.1.7", True)])  # a new replica, by watch
+        _expect(changes, ["10.0.0.1:50051", "10.0.0.2:50051", "10.0.1.7:50051"])
+        api_server.put("a", [("10.0.0.1", False), ("10.0.0.2", True)])  # one not ready
+        _expect(changes, ["10.0.0.2:50051", "10.0.1.7:50051"])
+        api_server.delete("b")
+        _expect(changes, ["10.0.0.2:50051"])
+        assert watcher.relists == 0 and api_server.lists == 1
+    finally:
+        watcher.stop()
+
+
+def test_a_410_gone_lists_again_and_keeps_up(api_server):
+    api_server.put("a", [("10.0.0.1", True)])
+    changes: queue.Queue = queue.Queue()
+    watcher = EndpointSliceWatcher(_client(api_server.host), NAMESPACE, SERVICE, changes.put,
+                                   watch_timeout_s=1).start()  # fmt: skip
+    try:
+        _expect(changes, ["10.0.0.1:50051"])
+        # Changes made while the event log is compacted: the watch from the old version is
+        # answered 410, and only a new list can show them.
+        api_server.compact()
+        api_server.put("c", [("10.0.2.9", True)])
+        api_server.compact()
+        _expect(changes, ["10.0.0.1:50051", "10.0.2.9:50051"], timeout_s=15)
+        assert watcher.relists >= 1 and api_server.lists >= 2
+        api_server.put("a", [("10.0.0.1", True), ("10.0.0.5", True)])  # watching again
+        _expect(changes, ["10.0.0.1:50051", "10.0.0.5:50051", "10.0.2.9:50051"])
+    finally:
+        watcher.stop()
