@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -106,8 +105,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             )
 
     # -- RPCs ---------------------------------------------------------------------------------
-    @map_errors
-    def Act(self, request, context):
+    def _answer(self, request, context) -> rollout_pb2.ActReply:
+        """One Act request, timed and counted by status for /metrics (Act and ActStream)."""
         with metrics.REQUEST_SECONDS.time():
             try:
                 self._check_policy(context)
@@ -120,19 +119,13 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         return reply
 
     @map_errors
+    def Act(self, request, context):
+        return self._answer(request, context)
+
+    @map_errors
     def ActStream(self, request_iterator, context):
         for request in request_iterator:
-            start = time.monotonic()
-            try:
-                self._check_policy(context)
-                reply = self._act(request)
-            except Exception as e:
-                metrics.REQUESTS.labels(status_of(e, context).name).inc()
-                raise
-            metrics.REQUEST_SECONDS.observe(time.monotonic() - start)
-            metrics.REQUESTS.labels("OK").inc()
-            metrics.ACTIONS.inc(len(request.instructions))
-            yield reply
+            yield self._answer(request, context)
 
     @map_errors
     def PushAdapter(self, request_iterator, context):
