@@ -6,6 +6,7 @@ Real processes: the launcher, a redis-server, a rollout server, an env server an
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -82,7 +83,7 @@ def _start(tmp_path: Path, *overrides: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def _wait_for_line(proc: subprocess.Popen, needle: str, timeout_s: float) -> str:
+def _wait_for_line(proc: subprocess.Popen, needle: str | re.Pattern, timeout_s: float) -> str:
     seen = []
     deadline = time.monotonic() + timeout_s
     os.set_blocking(proc.stdout.fileno(), False)
@@ -90,7 +91,7 @@ def _wait_for_line(proc: subprocess.Popen, needle: str, timeout_s: float) -> str
         line = proc.stdout.readline()
         if line:
             seen.append(line)
-            if needle in line:
+            if needle.search(line) if isinstance(needle, re.Pattern) else needle in line:
                 return "".join(seen)
         elif proc.poll() is not None:
             break
