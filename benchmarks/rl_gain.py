@@ -76,12 +76,12 @@ def train_success(table: dict) -> float:
 
 def phase_base(args: argparse.Namespace) -> None:
     work, out = Path(args.work), Path(args.out)
-    demos = work / "demos" / args.task
+    demos = work / "demos" / f"{args.task}_noise{args.demo_noise:g}"
     if not (demos / "meta.json").is_file():
         rc = run_cli(
             "collect-demos", "--task", args.task, "--episodes", str(args.demos),
             "--seed", "0", "--out", str(demos), "--max-episode-steps", str(args.episode_steps),
-            "--quiet", "--overwrite",
+            "--quiet", "--overwrite", "--action-noise", str(args.demo_noise),
         )  # fmt: skip
         if rc != 0:
             raise SystemExit("collect-demos failed")
@@ -194,6 +194,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-episodes", type=int, default=200, help="per split (+-7 points)")
     # base
     p.add_argument("--demos", type=int, default=100)
+    p.add_argument("--demo-noise", type=float, default=0.0,
+                   help="collect-demos --action-noise (DART-style; labels stay the expert's)")  # fmt: skip
     p.add_argument("--bc-steps", type=int, nargs="+", default=[300, 600, 1200, 2400])
     p.add_argument("--bc-batch", type=int, default=64)
     p.add_argument("--bc-lr", type=float, default=3e-4)

@@ -175,6 +175,7 @@ class BaseRecipe:
     model: str
     chunk: int
     demos: int
+    demo_noise: float
     bc_steps: int
     bc_batch: int
     bc_lr: float
@@ -196,7 +197,7 @@ def ensure_base(recipe: BaseRecipe, cache: Path, device: str) -> Path:
     rc = run_cli(
         "collect-demos", "--task", recipe.task, "--episodes", str(recipe.demos),
         "--seed", str(recipe.seed), "--out", str(demos), "--quiet",
-        log=cache / "collect_demos.log",
+        "--action-noise", str(recipe.demo_noise), log=cache / "collect_demos.log",
     )  # fmt: skip
     if rc != 0:
         raise SystemExit(f"collect-demos failed; see {cache / 'collect_demos.log'}")
@@ -300,7 +301,8 @@ def run_experiment(args: argparse.Namespace) -> dict:
     setup = setup_from_args(args, work=str(out), eval_videos=args.videos)
     recipe = BaseRecipe(
         task=args.task, model=args.model, chunk=args.chunk, demos=args.demos,
-        bc_steps=args.bc_steps, bc_batch=args.bc_batch, bc_lr=args.bc_lr, seed=args.seed,
+        demo_noise=args.demo_noise, bc_steps=args.bc_steps, bc_batch=args.bc_batch,
+        bc_lr=args.bc_lr, seed=args.seed,
     )  # fmt: skip
     t0 = time.monotonic()
     cache = Path(args.cache) / f"{args.task}_{args.model}"
@@ -365,6 +367,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--videos", action="store_true", help="MP4 of every evaluation episode")
     # the base
     p.add_argument("--demos", type=int, default=100, help="scripted-expert episodes")
+    p.add_argument("--demo-noise", type=float, default=0.0,
+                   help="collect-demos --action-noise: DART-style noise on the executed actions")  # fmt: skip
     p.add_argument("--bc-steps", type=int, default=500)
     p.add_argument("--bc-batch", type=int, default=64)
     p.add_argument("--bc-lr", type=float, default=3e-4)

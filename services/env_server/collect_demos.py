@@ -1,7 +1,8 @@
 """Collect scripted-expert demonstrations in ManiSkill, on the env server's side.
 
     python -m services.env_server.collect_demos --task PickCube-v1 --episodes 100 --seed 0 \\
-        --out demos/pickcube [--max-episode-steps 50] [--image-size 224] [--keep-failures]
+        --out demos/pickcube [--max-episode-steps 50] [--image-size 224] [--keep-failures] \\
+        [--action-noise 0.3]
 
 The task's scripted expert (``experts.py``, acting on privileged simulator state) drives one env
 built by the env pool's own ``make_single_env``: CPU physics, ``pd_ee_delta_pose``, the
@@ -14,11 +15,18 @@ Episode ``i`` is reset with seed ``S + i`` (``--seed S``); ``--episodes N`` epis
 unless ``--keep-failures``, only the successful ones are written. The run's success rate, episode
 lengths and speed are printed and stored in ``meta.json``.
 
-Format of ``--out DIR`` (version 1)
+``--action-noise SIGMA`` (DART-style noise injection): the env executes the expert's action plus
+Gaussian noise of standard deviation SIGMA on the six arm dimensions (the controller's [-1, 1]
+units; the gripper is not perturbed), while the label recorded for each state stays the expert's
+clean action there. The demonstrations then visit states off the expert's path and show how to
+come back from them, so a policy cloned from them recovers from its own mistakes instead of
+failing for good on some starts (which leaves RL little to learn from: benchmarks/README.md).
+
+Format of ``--out DIR`` (version 2; version 1 had no ``executed_actions`` and no noise)
 -----------------------------------
 ``meta.json``: ``format`` ("vla-rl-demos"), ``version`` (1), ``task_id``, ``instruction``,
 ``control_mode``, ``camera``, ``image_size``, ``max_episode_steps``, ``reward_mode``,
-``seed`` (S), ``keep_failures``, ``action_tokenizer`` ({``vocab_end``, ``n_bins``}),
+``seed`` (S), ``keep_failures``, ``action_noise`` (SIGMA, 0 without noise), ``action_tokenizer`` ({``vocab_end``, ``n_bins``}),
 ``norm_stats`` and ``unnorm_key`` (the quantisation used), the counts (``episodes_run``,
 ``successes``, ``episodes_written``, ``success_rate``, ``mean_episode_len``,
 ``mean_success_len``, ``total_steps``), ``wall_s``, ``episodes_per_min``, ``env_steps_per_s``,
@@ -29,10 +37,12 @@ It is rewritten after every episode, so an interrupted run leaves a valid index.
 ``episode_<index:06d>.npz`` (``numpy.load``, no pickle needed), T = the episode's length:
 
 - ``images``         uint8 [T, H, W, 3]: the observation before each action (RGB, ``camera``)
-- ``actions``        float32 [T, 7]: the quantised actions executed (xyz, rotation, gripper)
+- ``actions``        float32 [T, 7]: the quantised expert actions, the labels (xyz, rotation,
+  gripper); without noise, also what was executed
 - ``action_tokens``  int64 [T, 7]: their OpenVLA token ids (vocab_end - n_bins .. vocab_end - 1;
   the bin index of an id is ``vocab_end - id - 1``), as the rollout server sends them
 - ``expert_actions`` float32 [T, 7]: the expert's actions before quantisation
+- ``executed_actions`` float32 [T, 7]: the quantised actions the env executed (noise included)
 - ``rewards``        float32 [T]: the env's reward for each step (``reward_mode``)
 - ``success``        bool [T]: ManiSkill's ``info["success"]`` after each step
 - ``terminated``, ``truncated`` bool [T]: how the episode ended (True only at its last step)
@@ -93,12 +103,15 @@ def collect_demos(
     norm_stats: dict[str, Any] | None = None,
     unnorm_key: str | None = None,
     overwrite: bool = False,
+    action_noise: float = 0.0,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run ``episodes`` expert episodes (seeds seed .. seed + episodes - 1), write them to ``out``
     as the module docstring describes, and return the contents of meta.json."""
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
+    if not 0.0 <= action_noise <= 1.0:
+        raise ValueError(f"action_noise must be in [0, 1] (controller units), got {action_noise}")
     expert = expert_for(task_id)  # fails before any env is built for a task without an expert
     out = Path(out)
     if (out / "meta.json").exists() and not overwrite:
@@ -140,6 +153,7 @@ def collect_demos(
             "reward_mode": reward_mode,
             "seed": seed,
             "keep_failures": keep_failures,
+            "action_noise": action_noise,
             "action_tokenizer": {
                 "vocab_end": quantizer.tokenizer.vocab_end,
                 "n_bins": quantizer.tokenizer.n_bins,
@@ -152,6 +166,7 @@ def collect_demos(
         build_s = time.monotonic() - t_build
         log(f"{task_id}: env built in {build_s:.1f} s; {episodes} episodes from seed {seed}")
         t0 = time.monotonic()
+        noise_rng = np.random.default_rng(seed)
         seeds = [seed + i for i in range(episodes)]
         image, instruction = env.reset(seeds[0])
         for i, ep_seed in enumerate(seeds):
@@ -159,11 +174,15 @@ def collect_demos(
             ep_instruction = instruction
             while True:
                 raw = expert(read_state(env.env, task_id))
-                executed, tokens = quantizer(raw)
+                label, tokens = quantizer(raw)
+                executed = label
+                if action_noise > 0:
+                    executed, _ = quantizer(perturb(raw, action_noise, noise_rng))
                 rec["images"].append(image)
-                rec["actions"].append(executed)
+                rec["actions"].append(label)
                 rec["action_tokens"].append(tokens)
                 rec["expert_actions"].append(raw)
+                rec["executed_actions"].append(executed)
                 # The auto-reset at the end of the episode is the next episode's reset.
                 next_seed = seeds[i + 1] if i + 1 < len(seeds) else ep_seed
                 step = env.step(executed, next_seed)
@@ -218,6 +237,14 @@ def collect_demos(
     return meta
 
 
+def perturb(action: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """The expert's 7-d action with N(0, sigma) added to the six arm dimensions, clipped to the
+    controller's [-1, 1]; the gripper (last) is left as the expert set it."""
+    noisy = np.array(action, dtype=np.float32, copy=True)
+    noisy[:6] = np.clip(noisy[:6] + rng.normal(0.0, sigma, size=6), -1.0, 1.0)
+    return noisy
+
+
 def _summarise(meta: dict[str, Any], wall_s: float) -> None:
     eps = meta["episodes"]
     lengths = [e["length"] for e in eps]
@@ -261,6 +288,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reward-mode", default="normalized_dense")
     p.add_argument("--keep-failures", action="store_true", help="also write failed episodes")
     p.add_argument(
+        "--action-noise",
+        type=float,
+        default=0.0,
+        help="std of Gaussian noise on the executed arm actions (labels stay the expert's)",
+    )
+    p.add_argument(
         "--checkpoint",
         default=None,
         help="quantise with this checkpoint's norm_stats (default: default_norm_stats())",
@@ -298,6 +331,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         norm_stats=norm_stats,
         unnorm_key=args.unnorm_key,
         overwrite=args.overwrite,
+        action_noise=args.action_noise,
         log=log,
     )
     if args.quiet:

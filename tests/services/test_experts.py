@@ -201,6 +201,7 @@ def test_collect_demos_writes_loadable_episodes(tmp_path):
         assert ep["actions"].shape == (t, 7) and ep["actions"].dtype == np.float32
         assert ep["action_tokens"].shape == (t, 7) and ep["action_tokens"].dtype == np.int64
         assert ep["expert_actions"].shape == (t, 7) and ep["expert_actions"].dtype == np.float32
+        np.testing.assert_array_equal(ep["executed_actions"], ep["actions"])  # no noise asked
         for key in ("rewards", "success", "terminated", "truncated"):
             assert ep[key].shape == (t,)
         assert ep["rewards"].dtype == np.float32 and ep["success"].dtype == np.bool_
@@ -245,6 +246,58 @@ def test_collect_demos_cli_keeps_or_drops_failures(tmp_path, capsys):
     assert [e["file"] for e in dropped["episodes"]] == [None, None]
     assert list((tmp_path / "dropped").glob("*.npz")) == []
     assert demo_format.load_demos(tmp_path / "dropped")[1] == []
+
+
+def test_perturb_moves_the_arm_dimensions_only_and_stays_in_range():
+    rng = np.random.default_rng(0)
+    action = np.array([0.9, -0.9, 0.0, 0.1, -0.1, 0.0, -1.0], dtype=np.float32)
+    noisy = np.stack([cd.perturb(action, 0.5, rng) for _ in range(2000)])
+    assert (noisy[:, 6] == -1.0).all()  # the gripper as the expert set it
+    assert noisy[:, :6].min() >= -1.0 and noisy[:, :6].max() <= 1.0
+    # Centred on the expert's action (the clip pulls the +-0.9 ones in a little) with spread 0.5.
+    assert np.abs(noisy[:, 2:6].mean(axis=0) - action[2:6]).max() < 0.05
+    assert np.abs(noisy[:, 2:6].std(axis=0) - 0.5).max() < 0.05
+    again = cd.perturb(action, 0.5, np.random.default_rng(0))
+    np.testing.assert_array_equal(again, noisy[0])
+
+
+@pytest.mark.slow  # one env build with rendering
+def test_noisy_demonstrations_execute_the_noise_and_label_the_experts_action(tmp_path):
+    """DART-style noise: the env executes the perturbed action, the label is the expert's clean
+    action at the state the noise led to, and the memoryless expert still solves the task."""
+    meta = cd.collect_demos(
+        "PushCube-v1", 3, 0, tmp_path, image_size=64, action_noise=0.3, log=lambda _: None
+    )
+    assert meta["action_noise"] == 0.3 and meta["version"] == 2
+    assert meta["success_rate"] == 1.0, meta["episodes"]
+    quantizer = E.ActionQuantizer()
+    _, episodes = demo_format.load_demos(tmp_path)
+    moved = 0
+    for ep in episodes:
+        labels = np.stack([quantizer(a)[0] for a in ep["expert_actions"]])
+        np.testing.assert_array_equal(ep["actions"], labels)
+        np.testing.assert_array_equal(ep["executed_actions"][:, 6], ep["actions"][:, 6])
+        moved += int((ep["executed_actions"][:, :6] != ep["actions"][:, :6]).any(axis=1).sum())
+    assert moved >= sum(len(ep["actions"]) for ep in episodes) * 0.9
+    # A clean run from the same seeds takes fewer steps: the noise really pushed the arm around.
+    clean = cd.collect_demos("PushCube-v1", 3, 0, tmp_path / "clean", image_size=64,
+                             log=lambda _: None)  # fmt: skip
+    assert clean["total_steps"] < meta["total_steps"]
+
+
+def test_a_version_1_episode_loads_with_executed_actions_equal_to_its_actions(tmp_path):
+    t = 2
+    arrays = {
+        k: np.ones((t, 7) if k.endswith("actions") else (t,), dtype=dt)
+        for k, dt in demo_format.EPISODE_KEYS.items()
+        if k != "executed_actions"
+    }
+    arrays["images"] = np.zeros((t, 8, 8, 3), dtype=np.uint8)
+    arrays["action_tokens"] = np.zeros((t, 7), dtype=np.int64)
+    np.savez(tmp_path / "v1.npz", **arrays, episode_success=np.asarray(True), seed=np.asarray(1),
+             task_id=np.asarray("x"), instruction=np.asarray("y"))  # fmt: skip
+    ep = demo_format.load_episode(tmp_path / "v1.npz")
+    np.testing.assert_array_equal(ep["executed_actions"], ep["actions"])
 
 
 def test_load_episode_rejects_a_wrong_dtype(tmp_path):
