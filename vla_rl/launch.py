@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -27,10 +28,55 @@ from vla_rl.config import ConfigError, TrainConfig, dump_yaml, load_config
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+_HANDED_OUT: set[int] = set()
+_PORT_TRIES = 500
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' source ports (Linux; the usual default
+    elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
+    """A loopback port that is free now and that this process has not handed out before.
+
+    It is taken below the kernel's ephemeral range: ports are picked when a run is planned and
+    bound later, when each child has loaded its model, and in between every outgoing connection
+    (clients of the services started first) takes a source port from the ephemeral range. A
+    port picked there was taken that way on a lent GPU machine with 16 env servers: the child
+    then failed with "address in use" (two of three launches). Ports below the range are only
+    ever taken by a bind, which the check here sees.
+    """
+    low, _ = ephemeral_port_range()
+    rng = random.SystemRandom()
+    if low > 2048:
+        for _ in range(_PORT_TRIES):
+            port = rng.randrange(max(1024, low - 16384), low)
+            if port not in _HANDED_OUT and _bindable(port):
+                _HANDED_OUT.add(port)
+                return port
+    for _ in range(_PORT_TRIES):  # no room below the range: let the kernel choose
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free loopback port found")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass
