@@ -128,7 +128,7 @@ def phase_rl(args: argparse.Namespace) -> None:
     setup = setup_of(args)
     cmd = ["train", *model_overrides(setup, args.base), *env_overrides(args),
            *rl_overrides(setup, args.algorithm, args.group_size, args.lr, args.update_epochs,
-                         args.mini_batches, args.micro_batch, args.temperature),
+                         args.mini_batches, args.micro_batch, args.temperature, args.value_coef, args.reward_scale),
            f"runner.logger.log_path={runs}", f"runner.logger.experiment_name={name}",
            f"runner.max_epochs={args.iterations}", f"runner.val_check_interval={args.eval_every}",
            f"runner.save_interval={args.save_every}", f"runner.seed={args.seed}"]  # fmt: skip
@@ -222,6 +222,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mini-batches", type=int, default=4)
     p.add_argument("--micro-batch", type=int, default=50)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--value-coef", type=float, default=1.0,
+                   help="PPO: weight of the value loss in the LoRA's gradient (algorithm.value_coef)")  # fmt: skip
+    p.add_argument("--reward-scale", type=float, default=1.0,
+                   help="PPO: rewards x this before GAE (algorithm.reward_scale)")  # fmt: skip
     args = p.parse_args(argv)
     if args.phase == "rl" and not args.base:
         p.error("rl needs --base")

@@ -221,13 +221,19 @@ def rl_overrides(
     mini_batches: int,
     micro_batch: int,
     temperature: float,
+    value_coef: float = 1.0,
+    reward_scale: float = 1.0,
 ) -> list[str]:
     """The algorithm and actor keys of an RL run from the base (one iteration = one episode of
     every training env)."""
+    if algorithm == "grpo" and (value_coef != 1.0 or reward_scale != 1.0):
+        raise SystemExit("--value-coef and --reward-scale are PPO's (GRPO has no critic)")
     algo = (
         ["algorithm.adv_type=grpo", "algorithm.loss_type=actor",
          f"algorithm.group_size={group_size}", "algorithm.normalize_advantages=false"]
-        if algorithm == "grpo" else ["algorithm.adv_type=gae", "algorithm.loss_type=actor_critic"]
+        if algorithm == "grpo" else ["algorithm.adv_type=gae", "algorithm.loss_type=actor_critic",
+                                     f"algorithm.value_coef={value_coef}",
+                                     f"algorithm.reward_scale={reward_scale}"]
     )  # fmt: skip
     decisions = decisions_per_iteration(s)
     batch = max(1, decisions // mini_batches)
@@ -309,7 +315,7 @@ def run_experiment(args: argparse.Namespace) -> dict:
     run_dir = out / "train"
     cmd = ["train", *model_overrides(setup, str(cache / "base")), *env_overrides(setup),
            *rl_overrides(setup, args.algorithm, args.group_size, args.lr, args.update_epochs,
-                         args.mini_batches, args.micro_batch, args.temperature),
+                         args.mini_batches, args.micro_batch, args.temperature, args.value_coef, args.reward_scale),
            f"runner.logger.log_path={out}", "runner.logger.experiment_name=train",
            f"runner.max_epochs={args.iterations}", f"runner.val_check_interval={args.eval_every}",
            f"runner.save_interval={args.save_every}", f"runner.seed={args.seed}"]  # fmt: skip
@@ -394,4 +400,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mini-batches", type=int, default=4)
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--value-coef", type=float, default=1.0,
+                   help="PPO: weight of the value loss in the LoRA's gradient (algorithm.value_coef)")  # fmt: skip
+    p.add_argument("--reward-scale", type=float, default=1.0,
+                   help="PPO: rewards x this before GAE (algorithm.reward_scale)")  # fmt: skip
     p.add_argument("--lora-rank", type=int, default=32)

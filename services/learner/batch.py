@@ -134,6 +134,9 @@ class AdvantageConfig:
     """'gae' or 'grpo'."""
     gamma: float = 0.99
     gae_lambda: float = 0.95
+    reward_scale: float = 1.0
+    """GAE: rewards are multiplied by this first (returns of order 1 keep the critic's share of
+    the shared LoRA's gradient small)."""
     filter_rewards: bool = False
     """GRPO: train only on groups whose success rate lies in [rewards_lower_bound,
     rewards_upper_bound]."""
@@ -188,7 +191,7 @@ def build_train_batch(
         final_values = torch.cat([values[1:], last_value[None]])
         next_values = next_values_from_segment(values, final_values, last_value, seg.truncated)
         adv, returns = compute_gae(
-            seg.rewards,
+            seg.rewards * adv_cfg.reward_scale,
             values,
             next_values,
             seg.terminated,

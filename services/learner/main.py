@@ -118,6 +118,7 @@ def learner_plan(cfg: TrainConfig) -> LearnerPlan:
             adv_type=alg.adv_type,
             gamma=alg.gamma,
             gae_lambda=alg.gae_lambda,
+            reward_scale=alg.reward_scale,
             filter_rewards=alg.filter_rewards,
             rewards_lower_bound=alg.rewards_lower_bound,
             rewards_upper_bound=alg.rewards_upper_bound,

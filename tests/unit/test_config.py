@@ -201,10 +201,17 @@ def test_type_errors_name_key_and_type(override, key, expected):
         ("buffer.backend=kafka", "buffer.backend"),
         ("rollout.addresses=[nohost]", "rollout.addresses[0]"),
         ("algorithm.clip_ratio_c=0.5", "algorithm.clip_ratio_c"),
+        ("algorithm.reward_scale=0", "algorithm.reward_scale"),
     ],
 )
 def test_bad_values_name_the_dotted_key(override, key):
     assert error_of(None, [override]).key == key
+
+
+def test_a_reward_scale_with_grpo_is_refused_as_it_would_do_nothing():
+    grpo = ["algorithm.adv_type=grpo", "algorithm.loss_type=actor", "algorithm.group_size=2"]
+    err = error_of(None, [*grpo, "algorithm.reward_scale=0.02"])
+    assert err.key == "algorithm.reward_scale" and "no effect" in str(err)
 
 
 def test_direct_construction_validates_too():

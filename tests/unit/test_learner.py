@@ -369,6 +369,24 @@ def test_build_train_batch_gae_matches_the_reference(prompts_of):
     assert stats["rollout/rewards"] == pytest.approx(float(seg.rewards.mean()))
 
 
+def test_reward_scale_is_the_same_as_scaled_rewards(prompts_of):
+    rewards = [[0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]]
+    policy = build_tiny_policy()
+
+    def batch_of(scale: float, factor: float):
+        segs = [make_segment(i, rewards=[factor * r for r in rs]) for i, rs in enumerate(rewards)]
+        cfg = AdvantageConfig("gae", reward_scale=scale)
+        return build_train_batch(policy, prompts_of, stack_segments(segs), cfg, 1.0, 4)
+
+    scaled, stats = batch_of(0.02, 1.0)
+    by_hand, _ = batch_of(1.0, 0.02)
+    plain, _ = batch_of(1.0, 1.0)
+    assert torch.allclose(scaled.returns, by_hand.returns, atol=1e-6)
+    assert torch.allclose(scaled.advantages, by_hand.advantages, atol=1e-6)
+    assert not torch.allclose(scaled.returns, plain.returns, atol=1e-3)
+    assert stats["rollout/rewards"] == pytest.approx(0.5)  # the env's rewards, unscaled
+
+
 def test_build_train_batch_grpo_filters_groups_by_success_rate(prompts_of):
     segments = grpo_group(0, [1, None]) + grpo_group(1, [None, None]) + grpo_group(2, [0, 2])
     policy = build_tiny_policy()

@@ -158,6 +158,13 @@ class AlgorithmConfig:
     """Discount factor per decision."""
     gae_lambda: float = 0.95
     """GAE lambda."""
+    reward_scale: float = 1.0
+    """PPO (gae): the env's rewards are multiplied by this before GAE (logged rewards stay the
+    env's). The value head reads the LLM's hidden state, so the value loss trains the same LoRA
+    as the policy loss; keep returns of order 1 or the critic's gradient swamps the policy's
+    (returns up to 40 gave it 99% of the LoRA gradient: benchmarks/critic_share.py). A sparse
+    reward of 1 per step over 50-step episodes wants about 1 / 50. GRPO normalises within
+    groups, where a scale cancels: only 1 is accepted there."""
     normalize_advantages: bool | None = None
     """Standardise advantages over the batch before the policy loss; null: true for gae, false
     for grpo (group advantages are already normalised; re-standardising them per decision can
@@ -228,6 +235,8 @@ class AlgorithmConfig:
         _at_least("group_size", self.group_size, 1)
         _at_least("update_epoch", self.update_epoch, 1)
         _at_least("max_staleness", self.max_staleness, 0)
+        if not self.reward_scale > 0:
+            raise ConfigError("reward_scale", f"must be > 0, got {self.reward_scale!r}")
         for name in ("gamma", "gae_lambda"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(name, f"must be in [0, 1], got {getattr(self, name)!r}")
@@ -720,6 +729,12 @@ class TrainConfig:
         if algo.adv_type == "grpo" and algo.group_size < 2:
             raise ConfigError(
                 "algorithm.group_size", "grpo compares episodes within a group; set it >= 2"
+            )
+        if algo.adv_type == "grpo" and algo.reward_scale != 1.0:
+            raise ConfigError(
+                "algorithm.reward_scale",
+                f"{algo.reward_scale!r} has no effect with adv_type 'grpo' (group-normalised "
+                "advantages do not change with the rewards' scale); leave it 1.0",
             )
         if algo.adv_type == "grpo" and algo.normalize_advantages:
             raise ConfigError(
