@@ -395,6 +395,8 @@ def rollout_server_args(cfg: TrainConfig, model_path: str, port: int, device: st
             "--precision", rollout.precision, "--max-batch-size", str(rollout.max_batch_size),
             "--max-wait-ms", str(rollout.max_wait_ms),
             "--gpu-memory-utilization", str(rollout.gpu_memory_utilization)]  # fmt: skip
+    if rollout.engine == "vllm":
+        args += ["--weight-sync", rollout.weight_sync or "merge"]
     if cfg.actor.model.unnorm_key:
         args += ["--unnorm-key", cfg.actor.model.unnorm_key]
     return args

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from vla_rl.config.schema import ENGINES, PRECISIONS, RolloutConfig
+from vla_rl.config.schema import ENGINES, PRECISIONS, WEIGHT_SYNCS, RolloutConfig
 from vla_rl.models import ActionNormalizer, read_config
 from vla_rl.rpc import ROLLOUT_SERVICE
 from vla_rl.rpc.gen.v1 import rollout_pb2_grpc
@@ -34,6 +34,7 @@ def engine_options(args: argparse.Namespace) -> dict:
             "dtype": _VLLM_DTYPES[args.precision],
             "gpu_memory_utilization": args.gpu_memory_utilization,
             "max_batch_size": args.max_batch_size,
+            "weight_sync": args.weight_sync,
         }
     raise ValueError(f"unknown engine {args.engine!r} (torch or vllm)")
 
@@ -79,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=_DEFAULTS.max_batch_size)
     p.add_argument("--max-wait-ms", type=float, default=_DEFAULTS.max_wait_ms)
     p.add_argument("--gpu-memory-utilization", type=float, default=_DEFAULTS.gpu_memory_utilization)
+    p.add_argument("--weight-sync", default="merge", choices=list(WEIGHT_SYNCS),
+                   help="vllm: merge the LLM LoRA into vLLM's weights, or serve it as a vLLM LoRA")  # fmt: skip
     p.add_argument("--unnorm-key", default=None)
     p.add_argument("--base-model-id", default=None, help="reported by GetPolicy")
     p.add_argument("--grace-s", type=float, default=5.0)

@@ -34,6 +34,11 @@ ADAPTER_PUSHES = Counter(
     "PushAdapter calls, by result (loaded or refused)",
     ["result"],
 )
+ADAPTER_LOAD_SECONDS = Histogram(
+    "vla_rl_rollout_adapter_load_seconds",
+    "Time the engine took to load a pushed adapter (checks, staging and the weight switch)",
+    buckets=LATENCY_BUCKETS,
+)
 
 for _result in ("loaded", "refused"):
     ADAPTER_PUSHES.labels(_result)

@@ -179,7 +179,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
             )
         with self._push_lock:
             try:
-                loaded = self.engine.load_adapter(blob)
+                with metrics.ADAPTER_LOAD_SECONDS.time():
+                    loaded = self.engine.load_adapter(blob)
             except AdapterError as e:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"adapter refused: {e}")
             if loaded != version:

@@ -86,6 +86,7 @@ def test_every_service_is_scraped_by_a_real_prometheus(tmp_path):
         assert _value(rollout, "vla_rl_rollout_requests_total", code="OK") >= 12
         assert _value(rollout, "vla_rl_rollout_policy_version") >= 3
         assert _value(rollout, "vla_rl_rollout_adapter_pushes_total", result="loaded") >= 3
+        assert _value(rollout, "vla_rl_rollout_adapter_load_seconds_count") >= 3
         assert _value(learner, "vla_rl_learner_iteration") >= 3
         assert _value(learner, "vla_rl_learner_samples_total") >= 3 * 2 * 4
         assert _value(learner, "vla_rl_learner_phase_seconds_total", phase="update") > 0

@@ -40,8 +40,10 @@ INSTRUCTIONS = [
 LOGPROB_ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_ckpt):
+@pytest.fixture(scope="module", params=["merge", "lora"])
+def engine(request, tiny_ckpt):
+    """Both ways an adapter reaches vLLM: merged into its weights inside the workers (the
+    default) and served as a vLLM LoRA. Every test below runs against each."""
     pytest.importorskip("vllm")
     from services.rollout_server.engines.vllm_engine import VLLMEngine
 
@@ -53,6 +55,7 @@ def engine(tiny_ckpt):
         kv_cache_memory_bytes=128 * 2**20,
         max_batch_size=16,
         max_num_batched_tokens=1024,
+        weight_sync=request.param,
     )
     yield eng
     eng.close()

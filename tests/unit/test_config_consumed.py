@@ -76,6 +76,7 @@ PROBES: dict[str, tuple[list[str], object]] = {
     "env.eval.video_cfg.video_base_dir": (["env.eval.video_cfg.save_video=true"], "/tmp/v"),
     "env.train.video_cfg.save_video": ([], True),
     "rollout.engine": ([], "vllm"),
+    "rollout.weight_sync": (["rollout.engine=vllm"], "lora"),
     "rollout.pipeline_stage_num": ([], 2),
     "rollout.replicas": ([], 2),
     "rollout.addresses": ([], ["10.0.0.1:50052"]),

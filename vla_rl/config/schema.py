@@ -365,6 +365,7 @@ class EnvConfig:
 
 
 ENGINES = ("torch", "vllm")
+WEIGHT_SYNCS = ("merge", "lora")  # vllm: how an adapter's LLM LoRA reaches the engine
 # RLinf's embodied rollout backend "huggingface" is plain PyTorch, i.e. our torch engine.
 ENGINE_ALIASES = {"huggingface": "torch"}
 
@@ -418,6 +419,12 @@ class RolloutConfig:
     appears (addresses then only serve env servers and evaluation). "": the addresses."""
     gpu_memory_utilization: float = 0.3
     """vllm: fraction of the GPU it may take (the rest is left to collocated components)."""
+    weight_sync: str | None = None
+    """vllm: how a pushed adapter's LLM LoRA reaches the engine. 'merge' (null means it): merged
+    into vLLM's weights inside its workers, from a kept copy of the base (about 2 bytes per LLM
+    parameter in bf16 beside the model, outside gpu_memory_utilization). 'lora': served as a
+    vLLM LoRA (its punica kernels; crashed vLLM 0.24's engine on the GPU with prompt
+    embeddings). Refused with the torch engine, which copies adapters into its own modules."""
     precision: str | None = None
     """'fp32' or 'bf16' weights of the rollout model; null: actor.model.precision."""
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
@@ -428,6 +435,14 @@ class RolloutConfig:
         _choice("engine", self.engine, ENGINES)
         if self.precision is not None:
             _choice("precision", self.precision, PRECISIONS)
+        if self.weight_sync is not None:
+            _choice("weight_sync", self.weight_sync, WEIGHT_SYNCS)
+            if self.engine != "vllm":
+                raise ConfigError(
+                    "weight_sync",
+                    f"{self.weight_sync!r} is for the vllm engine; the {self.engine} engine copies "
+                    "adapters into its own modules (leave it null)",
+                )
         for name in ("pipeline_stage_num", "max_batch_size", "replicas"):
             _at_least(name, getattr(self, name), 1)
         _at_least("max_wait_ms", self.max_wait_ms, 0.0)

@@ -3,8 +3,12 @@
 The torch side turns images + instructions into prompt embeddings (BOS, 256 projected patches, the
 prompt tokens), vLLM decodes the 7 action tokens from them (`enable_prompt_embeds`), restricted to
 the 256 action ids, and reports the log-probs of the sampling distribution. An adapter's LLM LoRA
-goes to vLLM as a peft folder (one LoRARequest per version); its vision / projector LoRA and value
-head are copied into the torch modules. OpenVLA only: vLLM decodes causally, OFT does not.
+reaches vLLM in one of two ways (`weight_sync`): 'merge' (default) merges it into the LLM's
+weights inside vLLM's workers (vllm_merge.py: no LoRA kernels at all; a copy of the base weights
+of the LoRA's layers is kept beside the model, about 2 bytes per LLM parameter in bf16), 'lora'
+hands it to vLLM as a peft folder (one LoRARequest per version; crashed vLLM's engine on the GPU
+together with prompt embeddings). Its vision / projector LoRA and value head are copied into the
+torch modules. OpenVLA only: vLLM decodes causally, OFT does not.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from services.rollout_server.engines.base import AdapterError, Engine, EngineOutput
-from vla_rl.config.schema import RolloutConfig
+from vla_rl.config.schema import WEIGHT_SYNCS, RolloutConfig
 from vla_rl.models import PromptTokenizer, load_policy, load_tokenizer, read_config
 from vla_rl.models.lora import (
     LLM_TARGETS,
@@ -41,6 +45,7 @@ _LLM_PREFIX = "language_model."
 _LLM_LAYERS = "language_model.model.layers."
 _PEFT_ADAPTER = "default"  # peft's adapter name in parameter names (…q_proj.lora_A.default.weight)
 _KEPT_ADAPTER_DIRS = 2
+_MERGE_EXTENSION = "services.rollout_server.engines.vllm_merge.MergeLoRAExtension"
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,7 @@ class VLLMEngine(Engine):
         enforce_eager: bool = True,
         work_dir: str | Path | None = None,
         seed: int = 0,
+        weight_sync: str = "merge",
     ) -> None:
         """
         Args:
@@ -143,7 +149,11 @@ class VLLMEngine(Engine):
             work_dir: where the exported LLM and adapter folders go; a temporary directory
                 (removed by close()) if None.
             seed: vLLM's global seed (for act() calls without a seed).
+            weight_sync: 'merge' (the LLM LoRA merged into vLLM's weights) or 'lora' (served
+                as a vLLM LoRA): see the module docstring.
         """
+        if weight_sync not in WEIGHT_SYNCS:
+            raise ValueError(f"weight_sync must be one of {WEIGHT_SYNCS}, got {weight_sync!r}")
         config = read_config(checkpoint_dir)
         if config.decoding != "autoregressive":
             raise ValueError(
@@ -154,6 +164,8 @@ class VLLMEngine(Engine):
 
         self._dtype = _torch_dtype(dtype)
         self._config = config
+        self._weight_sync = weight_sync
+        merge = weight_sync == "merge"
         self._max_lora_rank = max_lora_rank
         self._own_work_dir = work_dir is None
         self._work_dir = Path(work_dir or tempfile.mkdtemp(prefix="vla_rl_vllm_"))
@@ -178,10 +190,16 @@ class VLLMEngine(Engine):
                 model=str(llm_dir),
                 skip_tokenizer_init=True,
                 enable_prompt_embeds=True,
-                enable_lora=True,
-                max_lora_rank=max_lora_rank,
-                max_loras=1,
-                max_cpu_loras=2,
+                **(
+                    {"worker_extension_cls": _MERGE_EXTENSION}
+                    if merge
+                    else {
+                        "enable_lora": True,
+                        "max_lora_rank": max_lora_rank,
+                        "max_loras": 1,
+                        "max_cpu_loras": 2,
+                    }  # fmt: skip
+                ),
                 logprobs_mode="processed_logprobs",
                 dtype=_vllm_dtype_name(self._dtype),
                 gpu_memory_utilization=gpu_memory_utilization,
@@ -190,7 +208,7 @@ class VLLMEngine(Engine):
                 # Only the decoder's linear layers get LoRA. Llama's default also wraps
                 # embed_tokens and lm_head, and the wrapped embedding crashes the engine when a
                 # step mixes prompt-embeds prefill with decoded token ids (vllm-project/vllm#51122).
-                lora_target_modules=list(LLM_TARGETS),
+                **({} if merge else {"lora_target_modules": list(LLM_TARGETS)}),
                 max_num_seqs=max_batch_size,
                 max_num_batched_tokens=max_num_batched_tokens,
                 # A chunked prefill discards the sample of its partial step and rewinds the
@@ -202,6 +220,10 @@ class VLLMEngine(Engine):
                 enable_prefix_caching=False,
                 seed=seed,
             )
+            if merge:
+                self._llm.collective_rpc(
+                    "vla_rl_keep_base", args=(str(llm_dir / "model.safetensors"),)
+                )
         except BaseException:
             if self._own_work_dir:
                 shutil.rmtree(self._work_dir, ignore_errors=True)
@@ -212,6 +234,8 @@ class VLLMEngine(Engine):
         self._next_lora_id = 1
         self.start_seconds = time.perf_counter() - t0
         """Seconds from the constructor's start to a ready engine (load, export, vLLM start)."""
+        self.last_sync_seconds: float | None = None
+        """Seconds the last load_adapter held the engine (the weight switch itself)."""
 
     # ------------------------------------------------------------------ Engine interface
     @property
@@ -304,16 +328,21 @@ class VLLMEngine(Engine):
             lora_id = self._next_lora_id
             self._next_lora_id += 1
             folder = self._write_peft_adapter(lora_id, settings, llm_part)
-            from vllm.lora.request import LoRARequest
-            from vllm.v1.engine.exceptions import EngineDeadError
+            if self._weight_sync == "lora":
+                from vllm.lora.request import LoRARequest
 
-            # vLLM caches adapters by integer id: a fresh id per load, never the policy version,
-            # so that a re-sent version with new weights is not served from the cache.
-            lora_request = LoRARequest(f"v{version}", lora_id, str(folder))
+                # vLLM caches adapters by integer id: a fresh id per load, never the policy
+                # version, so that a re-sent version with new weights is not served from cache.
+                lora_request = LoRARequest(f"v{version}", lora_id, str(folder))
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is closed")
-            if lora_request is not None:
+            t0 = time.perf_counter()
+            if self._weight_sync == "merge":
+                self._merge(folder, settings, EngineDeadError)
+            elif lora_request is not None:
                 try:
                     # Load it now, so that errors surface here and not in the next act().
                     self._llm.llm_engine.add_lora(lora_request)
@@ -327,8 +356,26 @@ class VLLMEngine(Engine):
             self._served = _ServedAdapter(version, lora_request, folder)
             if previous.lora_request is not None:
                 self._llm.llm_engine.remove_lora(previous.lora_request.lora_int_id)
+            self.last_sync_seconds = time.perf_counter() - t0
         self._prune_adapter_folders()
         return version
+
+    def _merge(self, folder: Path | None, settings: LoRASettings, engine_dead: type) -> None:
+        """Merge the adapter's LLM LoRA into vLLM's weights (None: the base). If that fails
+        part way, the served version's weights are merged back before the error is raised."""
+        try:
+            self._merge_rpc(folder, settings)
+        except Exception as e:
+            if isinstance(e, engine_dead):
+                raise
+            self._merge_rpc(self._served.folder, self._lora_settings or settings)
+            raise AdapterError(f"merging the adapter's LLM LoRA into vLLM failed: {e}") from e
+
+    def _merge_rpc(self, folder: Path | None, settings: LoRASettings) -> None:
+        adapter_file = None if folder is None else str(folder / "adapter_model.safetensors")
+        self._llm.collective_rpc(
+            "vla_rl_merge", args=(adapter_file, settings.alpha / settings.rank)
+        )
 
     def close(self) -> None:
         with self._lock:
