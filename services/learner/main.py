@@ -336,6 +336,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.metrics_port is not None:
             serve_metrics(args.metrics_port, args.host, "learner")
             exporter = metrics.Exporter()
+    elif info.local_rank == 0:
+        # The first process of every other node (a learner pod of a multi-node job) answers
+        # grpc.health on the same port, so that an orchestrator's probes see that pod alive;
+        # only global rank 0 serves the LearnerService.
+        server = make_server(max_workers=1)
+        bind(server, f"{args.host}:{args.port}", "learner node")
     policy = load_policy(plan.model_path, dtype=_DTYPES[plan.precision], device=device)
     check_model(policy, plan)
     apply_lora(policy, plan.lora)
@@ -381,8 +387,9 @@ def main(argv: list[str] | None = None) -> None:
         learner.publish_current()
 
     if server is not None:
-        learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(learner), server)
-        add_health_and_reflection(server, [LEARNER_SERVICE])
+        if info.is_main:
+            learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(learner), server)
+        add_health_and_reflection(server, [LEARNER_SERVICE] if info.is_main else [])
         server.start()
 
     stop = threading.Event()

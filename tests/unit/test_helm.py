@@ -93,6 +93,21 @@ def test_the_run_config_and_every_command_are_ones_vla_rl_reads(example, tmp_pat
     else:  # torchrun over the pod's GPUs
         assert f"--nproc_per_node={values['learner']['gpus']}" in learner
         learner_args(learner[learner.index("services.learner.main") + 1 :])
+    nodes = values.get("learner", {}).get("nodes", 1)
+    learner_set = _by(docs, "StatefulSet", "-learner")
+    assert learner_set["spec"]["replicas"] == nodes
+    if nodes > 1:  # one torchrun per pod, static rendezvous at pod 0 (global rank 0)
+        name = learner_set["metadata"]["name"]
+        assert {f"--nnodes={nodes}", "--node_rank=$(LEARNER_POD_INDEX)",
+                f"--master_addr={name}-0.{name}"} <= set(learner)  # fmt: skip
+        assert learner_set["spec"]["podManagementPolicy"] == "Parallel"
+        container = learner_set["spec"]["template"]["spec"]["containers"][0]
+        (index,) = [e for e in container["env"] if e["name"] == "LEARNER_POD_INDEX"]
+        assert "apps.kubernetes.io/pod-index" in index["valueFrom"]["fieldRef"]["fieldPath"]
+        assert cfg.actor.fsdp_config.world_size == nodes * values["learner"]["gpus"]
+    # Prometheus scrapes the learner's pod 0 only.
+    metrics_service = _by(docs, "Service", "-learner-metrics")
+    assert metrics_service["spec"]["selector"]["statefulset.kubernetes.io/pod-name"].endswith("-0")
     attach = args_of("Job", "-attach")
     parsed = build_parser().parse_args(attach)
     assert len(parsed.env) == envs
