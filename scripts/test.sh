@@ -7,4 +7,4 @@ bash scripts/setup_system.sh
 bash scripts/setup_env.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-exec .venv/bin/python -m pytest -q --timeout 1500 "$@"
+exec .venv/bin/python -m pytest -q --timeout 1500 --durations=25 "$@"
