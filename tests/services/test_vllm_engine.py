@@ -268,3 +268,65 @@ def test_switch_is_atomic_for_concurrent_act(engine, reference, batch, tiny_ckpt
     assert results[-1].policy_version == 7
     for r in results:
         np.testing.assert_array_equal(r.action_tokens, expected[r.policy_version])
+
+
+def test_a_switch_that_fails_inside_vllm_keeps_the_served_version(
+    engine, reference, batch, tiny_ckpt, monkeypatch
+):
+    """A valid adapter whose LLM part vLLM cannot read (here: the staged file is cut short, as a
+    full disk would leave it) is refused, and the version served before keeps being served with
+    its own weights (the merge path merges it back)."""
+    _, prompt_tokenizer = reference
+    before = engine.act(batch, INSTRUCTIONS, greedy=True)
+    version = engine.policy_version
+    stage = type(engine)._write_peft_adapter
+
+    def truncated(self, *args, **kwargs):
+        folder = stage(self, *args, **kwargs)
+        weights = folder / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:64])
+        return folder
+
+    monkeypatch.setattr(type(engine), "_write_peft_adapter", truncated)
+    trained = trained_copy(tiny_ckpt, SETTINGS, seed=21)
+    with pytest.raises(AdapterError):
+        engine.load_adapter(serialize_adapter(trained, version=version + 1))
+    monkeypatch.undo()
+    assert engine.policy_version == version
+    after = engine.act(batch, INSTRUCTIONS, greedy=True)
+    assert after.policy_version == version
+    np.testing.assert_array_equal(after.action_tokens, before.action_tokens)
+    np.testing.assert_allclose(after.logprobs, before.logprobs, atol=LOGPROB_ATOL, rtol=0)
+    # And the engine still takes the next good adapter.
+    assert engine.load_adapter(serialize_adapter(trained, version=version + 1)) == version + 1
+    assert_greedy_matches(engine, trained, prompt_tokenizer, batch)
+
+
+def test_a_merge_that_fails_part_way_is_merged_back(engine, batch, tiny_ckpt, monkeypatch):
+    """merge only: the staged LoRA lacks one tensor of the last layer, so vLLM's workers have
+    already rewritten the earlier layers when the merge fails; the served version's weights
+    are merged back before the refusal."""
+    if engine._weight_sync != "merge":
+        pytest.skip("vLLM's LoRA path does not write weights")
+    from safetensors.torch import load_file, save_file
+
+    before = engine.act(batch, INSTRUCTIONS, greedy=True)
+    version = engine.policy_version
+    stage = type(engine)._write_peft_adapter
+
+    def without_last_v_proj(self, *args, **kwargs):
+        folder = stage(self, *args, **kwargs)
+        weights = folder / "adapter_model.safetensors"
+        tensors = load_file(weights)
+        last = max(int(n.split(".layers.")[1].split(".")[0]) for n in tensors)
+        del tensors[f"base_model.model.model.layers.{last}.self_attn.v_proj.lora_A.weight"]
+        save_file(tensors, weights)
+        return folder
+
+    monkeypatch.setattr(type(engine), "_write_peft_adapter", without_last_v_proj)
+    with pytest.raises(AdapterError, match="some of"):
+        engine.load_adapter(serialize_adapter(trained_copy(tiny_ckpt, SETTINGS, seed=22), 99))
+    after = engine.act(batch, INSTRUCTIONS, greedy=True)
+    assert engine.policy_version == after.policy_version == version
+    np.testing.assert_array_equal(after.action_tokens, before.action_tokens)
+    np.testing.assert_allclose(after.logprobs, before.logprobs, atol=LOGPROB_ATOL, rtol=0)
