@@ -10,15 +10,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import grpc
 import pytest
-import redis
 
 from tests.e2e.test_shutdown import TINY
+from tests.services.conftest import RedisServer
+from tests.unit.test_fsdp import _torchrun
 from vla_rl.attach import learner_status
 from vla_rl.config import dump_yaml, load_config
 from vla_rl.launch import free_port
@@ -30,46 +29,26 @@ from vla_rl.rpc.gen.v1 import learner_pb2, learner_pb2_grpc
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _torchrun() -> str:
-    exe = Path(sys.executable).with_name("torchrun")
-    found = str(exe) if exe.exists() else shutil.which("torchrun")
-    if found is None:
-        pytest.skip("torchrun is not installed")
-    return found
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 def test_two_node_learner_rendezvous_serves_on_rank_0_and_health_on_every_node(tmp_path):
-    redis_port = free_port()
-    procs = [subprocess.Popen(
-        ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-    )]  # fmt: skip
+    redis_server = RedisServer(shutil.which("redis-server"), tmp_path)
     nodes: list[subprocess.Popen] = []
     try:
-        client = redis.Redis(port=redis_port)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.1)
+        assert redis_server.wait_ready(), (tmp_path / "redis.log").read_text()
         model = write_tiny_checkpoint(tmp_path / "model", tiny_config(), seed=0)
         cfg = load_config(None, [
             f"runner.logger.log_path={tmp_path}", "runner.logger.experiment_name=run",
             "runner.max_epochs=2", *TINY, "actor.fsdp_config.world_size=2",
-            f"actor.model.model_path={model}", f"buffer.url=redis://127.0.0.1:{redis_port}/0",
+            f"actor.model.model_path={model}", f"buffer.url={redis_server.url}",
         ])  # fmt: skip
         config = tmp_path / "config.yaml"
         dump_yaml(cfg, config)
         master, ports = free_port(), [free_port(), free_port()]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         for rank, port in enumerate(ports):
-            cmd = [_torchrun(), "--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
+            cmd = [*_torchrun(), "--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
                    "--master_addr=127.0.0.1", f"--master_port={master}",
                    "-m", "services.learner.main", "--config", str(config),
                    "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]  # fmt: skip
@@ -101,10 +80,11 @@ def test_two_node_learner_rendezvous_serves_on_rank_0_and_health_on_every_node(t
         for node in nodes:
             node.wait(timeout=60)
     finally:
-        for proc in [*nodes, *procs]:
-            if proc.poll() is None:
+        for node in nodes:
+            if node.poll() is None:
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL) if proc in nodes else proc.kill()
+                    os.killpg(node.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                proc.wait()
+                node.wait()
+        redis_server.stop()

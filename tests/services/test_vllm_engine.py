@@ -270,6 +270,14 @@ def test_switch_is_atomic_for_concurrent_act(engine, reference, batch, tiny_ckpt
         np.testing.assert_array_equal(r.action_tokens, expected[r.policy_version])
 
 
+def assert_still_served(engine, batch, before) -> None:
+    """The engine serves the version and the actions of `before` (greedy), after a refusal."""
+    after = engine.act(batch, INSTRUCTIONS, greedy=True)
+    assert engine.policy_version == after.policy_version == before.policy_version
+    np.testing.assert_array_equal(after.action_tokens, before.action_tokens)
+    np.testing.assert_allclose(after.logprobs, before.logprobs, atol=LOGPROB_ATOL, rtol=0)
+
+
 def test_a_switch_that_fails_inside_vllm_keeps_the_served_version(
     engine, reference, batch, tiny_ckpt, monkeypatch
 ):
@@ -292,11 +300,7 @@ def test_a_switch_that_fails_inside_vllm_keeps_the_served_version(
     with pytest.raises(AdapterError):
         engine.load_adapter(serialize_adapter(trained, version=version + 1))
     monkeypatch.undo()
-    assert engine.policy_version == version
-    after = engine.act(batch, INSTRUCTIONS, greedy=True)
-    assert after.policy_version == version
-    np.testing.assert_array_equal(after.action_tokens, before.action_tokens)
-    np.testing.assert_allclose(after.logprobs, before.logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_still_served(engine, batch, before)
     # And the engine still takes the next good adapter.
     assert engine.load_adapter(serialize_adapter(trained, version=version + 1)) == version + 1
     assert_greedy_matches(engine, trained, prompt_tokenizer, batch)
@@ -311,7 +315,6 @@ def test_a_merge_that_fails_part_way_is_merged_back(engine, batch, tiny_ckpt, mo
     from safetensors.torch import load_file, save_file
 
     before = engine.act(batch, INSTRUCTIONS, greedy=True)
-    version = engine.policy_version
     stage = type(engine)._write_peft_adapter
 
     def without_last_v_proj(self, *args, **kwargs):
@@ -326,7 +329,4 @@ def test_a_merge_that_fails_part_way_is_merged_back(engine, batch, tiny_ckpt, mo
     monkeypatch.setattr(type(engine), "_write_peft_adapter", without_last_v_proj)
     with pytest.raises(AdapterError, match="some of"):
         engine.load_adapter(serialize_adapter(trained_copy(tiny_ckpt, SETTINGS, seed=22), 99))
-    after = engine.act(batch, INSTRUCTIONS, greedy=True)
-    assert engine.policy_version == after.policy_version == version
-    np.testing.assert_array_equal(after.action_tokens, before.action_tokens)
-    np.testing.assert_allclose(after.logprobs, before.logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_still_served(engine, batch, before)
