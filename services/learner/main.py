@@ -78,7 +78,7 @@ class LearnerPlan:
     action_dim: int
     num_action_chunks: int
     gradient_checkpointing: bool
-    reshard_after_forward: bool
+    sharding_strategy: str
     dist_backend: str
     lora: LoRASettings
     optimizer: dict
@@ -103,7 +103,7 @@ def learner_plan(cfg: TrainConfig) -> LearnerPlan:
         action_dim=actor.model.action_dim,
         num_action_chunks=actor.model.num_action_chunks,
         gradient_checkpointing=actor.fsdp_config.gradient_checkpointing,
-        reshard_after_forward=actor.fsdp_config.sharding_strategy == "full_shard",
+        sharding_strategy=actor.fsdp_config.sharding_strategy,
         dist_backend=actor.fsdp_config.backend,
         lora=LoRASettings(lora.rank, lora.alpha, lora.dropout, list(lora.targets)),
         optimizer={
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     if plan.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
     policy.to(device)
-    shard_policy(policy, reshard_after_forward=plan.reshard_after_forward)
+    shard_policy(policy, plan.sharding_strategy)
     optimizer = make_optimizer(policy, **plan.optimizer)
     # Only rank 0 talks to the buffer, the rollout replicas, TensorBoard and status clients.
     buffer = replicas = None

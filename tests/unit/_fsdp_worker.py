@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -79,7 +80,10 @@ OPTIMIZERS = {
 def run_update(policy, batch: TrainBatch, optimizer_kind: str):
     """The learner's sequence: optimizer over the (sharded) policy, one ppo_update, the adapter."""
     optimizer = OPTIMIZERS[optimizer_kind](policy)
-    metrics = ppo_update(policy, optimizer, batch, UPDATE, torch.Generator().manual_seed(SEED))
+    # FSDP_REDUCE_ONCE=1: gradients reduced once per step, not after every micro-batch.
+    once = os.environ.get("FSDP_REDUCE_ONCE") == "1"
+    cfg = dataclasses.replace(UPDATE, reduce_every_micro_batch=not once)
+    metrics = ppo_update(policy, optimizer, batch, cfg, torch.Generator().manual_seed(SEED))
     return optimizer, metrics, distributed.serialize_adapter_distributed(policy, version=1)
 
 
@@ -106,11 +110,8 @@ def main(out_dir: Path) -> None:
     batch = distributed.broadcast_object(build_batch() if info.is_main else None)
     out: dict[str, object] = {"world": info.world_size}
     for kind in OPTIMIZERS:
-        # FSDP_RESHARD=0: actor.fsdp_config.sharding_strategy shard_grad_op (ZeRO-2).
-        reshard = os.environ.get("FSDP_RESHARD", "1") == "1"
-        policy = distributed.shard_policy(
-            build_policy().to(info.device), reshard_after_forward=reshard
-        )
+        strategy = os.environ.get("FSDP_STRATEGY", "full_shard")  # sharding_strategy
+        policy = distributed.shard_policy(build_policy().to(info.device), strategy)
         before = distributed.serialize_adapter_distributed(policy, version=0)
         if kind == "adamw":
             out["probes"] = probe(policy, batch)

@@ -562,7 +562,7 @@ class OptimConfig:
 
 
 FSDP_BACKENDS = ("auto", "gloo", "nccl")
-SHARDING_STRATEGIES = ("full_shard", "shard_grad_op")
+SHARDING_STRATEGIES = ("full_shard", "shard_grad_op", "no_shard")
 
 
 @dataclass
@@ -574,8 +574,10 @@ class FSDPConfig:
     backend: str = "auto"
     """torch.distributed backend: 'auto' (gloo on the CPU, nccl on GPUs), 'gloo' or 'nccl'."""
     sharding_strategy: str = "full_shard"
-    """FSDP2 sharding: 'full_shard' (ZeRO-3: parameters re-sharded after each forward) or
-    'shard_grad_op' (ZeRO-2: kept gathered from forward to backward; more memory, less traffic)."""
+    """FSDP2 sharding: 'full_shard' (ZeRO-3: parameters re-sharded after each forward),
+    'shard_grad_op' (ZeRO-2: kept gathered from forward to backward; more memory, less traffic)
+    or 'no_shard' (DDP: every GPU holds the whole model; the frozen base is never communicated,
+    only the adapter's gradients are all-reduced; fastest when the model fits one GPU)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (needed for 7B at RLinf's micro-batch sizes)."""
 

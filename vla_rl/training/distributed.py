@@ -128,35 +128,62 @@ def _fsdp_units(policy: OpenVLAPolicy) -> list[nn.Module]:
     return units
 
 
+SHARDING_STRATEGIES = ("full_shard", "shard_grad_op", "no_shard")
+
+
 def shard_policy(
     policy: OpenVLAPolicy,
+    strategy: str = "full_shard",
     device_mesh: DeviceMesh | None = None,
-    reshard_after_forward: bool = True,
 ) -> OpenVLAPolicy:
-    """Shard the policy with FSDP2 over all ranks (in place; returns it). No-op in one process.
+    """Make the policy data-parallel over all ranks with FSDP2 (in place; returns it). No-op in
+    one process. `strategy` is actor.fsdp_config.sharding_strategy:
 
-    `reshard_after_forward` True is ZeRO-3 (actor.fsdp_config.sharding_strategy full_shard):
-    each unit frees its gathered parameters after forward and gathers them again for backward;
-    False is ZeRO-2 (shard_grad_op): they stay gathered until backward, trading memory for
-    traffic.
+    - 'full_shard' (ZeRO-3): every parameter sharded; each unit gathers its parameters for the
+      forward, frees them, and gathers them again for the backward.
+    - 'shard_grad_op' (ZeRO-2): sharded, but kept gathered from forward to backward (more
+      memory, half the traffic).
+    - 'no_shard' (DDP): every rank holds the whole model. The frozen base is left out of FSDP
+      altogether (plain tensors, no collective ever touches it) and only the trainable
+      parameters (LoRA, value head) are FSDP-managed, replicated over a (world, 1) mesh, so
+      their gradients are all-reduced. With a frozen 7B base this removes the all-gathers of
+      the base, which dominate the sharded strategies, at the memory of one whole model per
+      GPU. Every rank must build the same base (the same checkpoint or seed).
 
     Apply LoRA before (the adapter parameters must exist) and build the optimizer after (it
-    must hold the sharded parameters). Frozen base weights and trainable LoRA weights share
-    units: FSDP2 all-gathers both and reduce-scatters only the gradients that exist.
+    must hold the sharded parameters).
     """
+    if strategy not in SHARDING_STRATEGIES:
+        raise ValueError(f"strategy must be one of {SHARDING_STRATEGIES}, got {strategy!r}")
     if device_mesh is None:
         if world_size() == 1:
             return policy
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        device_mesh = init_device_mesh(device_type, (world_size(),))
-    if device_mesh.ndim != 1:
-        raise ValueError("shard_policy supports a 1-D (data-parallel) device mesh")
+        shape = (world_size(), 1) if strategy == "no_shard" else (world_size(),)
+        names = ("replicate", "shard") if strategy == "no_shard" else ("shard",)
+        device_mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
+    expected_ndim = 2 if strategy == "no_shard" else 1
+    if device_mesh.ndim != expected_ndim:
+        raise ValueError(f"{strategy} needs a {expected_ndim}-D data-parallel device mesh")
+    if strategy == "no_shard" and device_mesh.size(1) != 1:
+        raise ValueError("no_shard needs a (world, 1) device mesh: nothing is sharded")
+    frozen = None
+    if strategy == "no_shard":
+        frozen = {p for p in policy.parameters() if not p.requires_grad}
+    reshard_after_forward = strategy == "full_shard"
     for module in _fsdp_units(policy):
-        fully_shard(module, mesh=device_mesh, reshard_after_forward=reshard_after_forward)
+        if frozen is not None and all(p in frozen for p in module.parameters()):
+            continue  # nothing of this unit is FSDP's: no unit needed
+        fully_shard(
+            module,
+            mesh=device_mesh,
+            reshard_after_forward=reshard_after_forward,
+            ignored_params=frozen,
+        )
     # FSDP2 keeps the root unit's parameters gathered after forward unless told otherwise; after
     # a no-grad forward (the learner's recompute) no backward would reshard them, and the module
     # would go on exposing plain tensors in place of its sharded parameters.
-    fully_shard(policy, mesh=device_mesh, reshard_after_forward=True)
+    fully_shard(policy, mesh=device_mesh, reshard_after_forward=True, ignored_params=frozen)
     for name in _FORWARD_METHODS:
         register_fsdp_forward_method(policy, name)
     # The policy's outputs are slices of its logits; nothing here writes into them in place,
@@ -179,7 +206,16 @@ def data_parallel(policy: nn.Module) -> DataParallel:
     if not isinstance(policy, FSDPModule):
         return DataParallel()
     mesh = next(p.device_mesh for p in policy.parameters() if isinstance(p, DTensor))
+    if mesh.ndim == 2:  # no_shard: a (world, 1) mesh; the data-parallel ranks are its rows
+        mesh = mesh["replicate"]
     return DataParallel(mesh.get_local_rank(), mesh.size(), mesh.get_group())
+
+
+def set_gradient_sync(policy: nn.Module, sync: bool) -> None:
+    """Whether the next backward reduces gradients over the ranks (no-op unsharded). Without
+    it the gradients add up unsharded on each rank (adapter-sized) until a backward with it."""
+    if isinstance(policy, FSDPModule):
+        policy.set_requires_gradient_sync(sync)
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
@@ -222,7 +258,7 @@ def reshard(policy: nn.Module) -> None:
 
 # ------------------------------------------------------------------------------ the adapter
 def full_trainable_state(policy: nn.Module) -> dict[str, torch.Tensor]:
-    """LoRA and value-head tensors as plain, full, contiguous CPU tensors, by parameter name.
+    """LoRA and value-head tensors as plain, full, contiguous CPU copies, by parameter name.
 
     A collective when the policy is sharded: every rank must call it (every rank gets the full
     tensors; they are adapter-sized).
@@ -232,7 +268,7 @@ def full_trainable_state(policy: nn.Module) -> dict[str, torch.Tensor]:
     for name, t in trainable_state(policy).items():
         if isinstance(t, DTensor):
             t = t.full_tensor()
-        out[name] = t.detach().contiguous().cpu()
+        out[name] = t.detach().to("cpu", copy=True).contiguous()  # a copy, never the live tensor
     return out
 
 

@@ -24,7 +24,13 @@ from vla_rl.algorithms import (
 )
 from vla_rl.models import OpenVLAPolicy, PromptBatch, aggregate_entropy, aggregate_logprobs
 
-from .distributed import all_reduce_sums, clip_grad_norm, data_parallel, reshard
+from .distributed import (
+    all_reduce_sums,
+    clip_grad_norm,
+    data_parallel,
+    reshard,
+    set_gradient_sync,
+)
 
 
 @dataclass
@@ -68,6 +74,11 @@ class PPOUpdateConfig:
     """Decoupled PPO: truncate pi_prox / pi_behav at this value; None: no truncation."""
     kl_estimator: str = "k3"
     """Estimator of the logged train/actor/approx_kl: 'k1', 'k2' or 'k3' (see `approx_kl`)."""
+    reduce_every_micro_batch: bool = False
+    """Data-parallel: reduce gradients over the ranks after every micro-batch's backward, or
+    (False, the default) let them add up on each rank and reduce once, after the step's last
+    micro-batch: one collective per step. Measured on 4 H200s with 7B shapes (no_shard, batch
+    256, micro 16): 3.27x the 1-GPU update against 2.79x (benchmarks/README.md)."""
 
     def __post_init__(self) -> None:
         for name, value, choices in (
@@ -202,7 +213,9 @@ def ppo_update(
             mine = starts[dp.rank :: dp.world_size]
             # Every rank runs as many forward/backward passes as the busiest one, or the FSDP
             # collectives would not pair up; the spare passes carry zero weight.
-            for i in range(-(-len(starts) // dp.world_size)):
+            passes = -(-len(starts) // dp.world_size)
+            for i in range(passes):
+                set_gradient_sync(policy, cfg.reduce_every_micro_batch or i == passes - 1)
                 if i < len(mine):
                     micro = batch.select(mini[mine[i] : mine[i] + cfg.micro_batch_size])
                     loss = _micro_loss(policy, micro, cfg, record)
