@@ -470,6 +470,13 @@ def evaluation_args(cfg: TrainConfig, force: bool = False) -> dict | None:
     )
 
 
+def _nth_gpu(ranks: list[int] | str, i: int) -> list[int] | str:
+    """The GPU of the i-th process of a component placed on `ranks`, round robin: each process
+    sees one GPU (an env server renders, a rollout replica serves, on its first visible GPU, so
+    giving every process all of the component's GPUs would put them all on the first)."""
+    return ranks if ranks == "cpu" else [ranks[i % len(ranks)]]
+
+
 def launch_plan(
     cfg: TrainConfig,
     num_gpus: int,
@@ -490,9 +497,8 @@ def launch_plan(
     placement = cfg.cluster.resolve(num_gpus)
     rollout: list[ProcessPlan] = []
     if not cfg.rollout.addresses:
-        ranks = placement["rollout"]
         for r in range(cfg.rollout.replicas):
-            gpus = ranks if ranks == "cpu" else [ranks[r % len(ranks)]]
+            gpus = _nth_gpu(placement["rollout"], r)
             p, m, name = port("grpc"), port("metrics"), f"rollout{r}"
             rollout.append(
                 ProcessPlan(
@@ -516,7 +522,7 @@ def launch_plan(
                 ["-m", "services.env_server.main", "--port", str(p), "--server-id", name,
                  "--metrics-port", str(m)]
                 + (["--task-modules", *modules] if modules else []),
-                placement["env"],
+                _nth_gpu(placement["env"], s),
                 f"{host(name)}:{p}",
                 f"{host(name)}:{m}",
             )

@@ -1,0 +1,76 @@
+"""What `vla-rl train` starts on a machine of N GPUs for the three placements of RLinf's recipes
+(collocated, disaggregated, hybrid), for several N: every process sees exactly the GPUs its
+component was placed on, processes of one component are spread over its GPUs, and the learner
+runs one process per actor GPU under torchrun. Nothing here assumes 4 GPUs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from vla_rl.config import load_config
+from vla_rl.launch import launch_plan
+
+
+def placements(n: int) -> dict[str, str]:
+    def ranks(lo: int, hi: int) -> str:
+        return str(lo) if lo == hi else f"{lo}-{hi}"
+
+    half = n // 2
+    first, second, every = ranks(0, half - 1), ranks(half, n - 1), ranks(0, n - 1)
+    return {
+        # everything on every GPU; rollout and learner take turns
+        "collocated": f'{{"actor,rollout,env": {every}}}',  # quoted: YAML splits on commas
+        # env + rollout on the first half, learner on the second (collection overlaps training)
+        "disaggregated": f"{{env: {first}, rollout: {first}, actor: {second}}}",
+        # RLinf's default recipe: env and rollout apart, the learner on all
+        "hybrid": f"{{env: {first}, rollout: {second}, actor: {every}}}",
+    }
+
+
+def plan_for(n: int, placement: str, servers: int, replicas: int):
+    cfg = load_config(
+        None,
+        [
+            f"cluster.component_placement={placement}",
+            f"env.train.num_servers={servers}",
+            f"env.train.total_num_envs={servers * 2}",
+            f"rollout.replicas={replicas}",
+        ],
+    )
+    ports = itertools.count(40000)
+    return launch_plan(
+        cfg, n, model_path="/m", buffer_url="redis://local", port=lambda kind: next(ports)
+    )
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("name", ["collocated", "disaggregated", "hybrid"])
+def test_each_process_sees_one_gpu_of_its_component(n, name):
+    placement = placements(n)[name]
+    cfg = load_config(None, [f"cluster.component_placement={placement}"])
+    want = cfg.cluster.resolve(n)
+    servers = replicas = 2 * n  # more processes than GPUs: each GPU gets some
+    plan = plan_for(n, placement, servers, replicas)
+
+    for procs, component in ((plan.env, "env"), (plan.rollout, "rollout")):
+        assert all(len(p.gpus) == 1 for p in procs), (component, [p.gpus for p in procs])
+        used = [p.gpus[0] for p in procs]
+        assert set(used) == set(want[component]), component  # all of its GPUs, no other
+        # round robin: no GPU carries more than its share
+        assert max(used.count(g) for g in set(used)) == -(-len(procs) // len(want[component]))
+
+    # The learner: one torchrun process per actor GPU, seeing exactly those GPUs.
+    assert plan.learner.gpus == want["actor"]
+    if len(want["actor"]) > 1:
+        assert f"--nproc_per_node={len(want['actor'])}" in plan.learner.args
+    else:
+        assert "torch.distributed.run" not in plan.learner.args
+    assert plan.learner.args[plan.learner.args.index("--device") + 1] == "cuda"
+
+
+def test_the_cpu_placement_starts_everything_on_the_cpu():
+    plan = plan_for(0, '{"actor,rollout,env": cpu}', servers=2, replicas=2)
+    assert {p.gpus for p in [*plan.env, *plan.rollout, plan.learner]} == {"cpu"}
+    assert "torch.distributed.run" not in plan.learner.args
