@@ -477,6 +477,27 @@ def _nth_gpu(ranks: list[int] | str, i: int) -> list[int] | str:
     return ranks if ranks == "cpu" else [ranks[i % len(ranks)]]
 
 
+def idle_gpus(plan: LaunchPlan, num_gpus: int) -> list[str]:
+    """One line per component whose placement names GPUs that none of its processes gets (fewer
+    rollout replicas or env servers than GPUs placed for them): a likely mistake, said at start."""
+    placement = plan.config.cluster.resolve(num_gpus)
+    lines = []
+    for component, procs, key in (
+        ("rollout", plan.rollout, "rollout.replicas"),
+        ("env", plan.env, "env.train.num_servers"),
+    ):
+        ranks = placement[component]
+        if ranks == "cpu" or not procs:
+            continue
+        unused = sorted(set(ranks) - {g for p in procs if p.gpus != "cpu" for g in p.gpus})
+        if unused:
+            lines.append(
+                f"{component} is placed on GPUs {ranks} but {key} is {len(procs)}: "
+                f"GPU(s) {unused} get no {component} process"
+            )
+    return lines
+
+
 def launch_plan(
     cfg: TrainConfig,
     num_gpus: int,
@@ -824,6 +845,8 @@ def _train(cfg: TrainConfig, launch: Launch, num_gpus: int, check: subprocess.Po
             attempt=time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}",
         )
         cfg = plan.config
+        for line in idle_gpus(plan, num_gpus):
+            print(f"vla-rl train: warning: {line}", flush=True)
         py = sys.executable
         for proc in plan.rollout + plan.env:
             launch.start(proc.name, [py, *proc.args], gpus=proc.gpus, target=proc.target)

@@ -10,7 +10,7 @@ import itertools
 import pytest
 
 from vla_rl.config import load_config
-from vla_rl.launch import launch_plan
+from vla_rl.launch import idle_gpus, launch_plan
 
 
 def placements(n: int) -> dict[str, str]:
@@ -74,3 +74,15 @@ def test_the_cpu_placement_starts_everything_on_the_cpu():
     plan = plan_for(0, '{"actor,rollout,env": cpu}', servers=2, replicas=2)
     assert {p.gpus for p in [*plan.env, *plan.rollout, plan.learner]} == {"cpu"}
     assert "torch.distributed.run" not in plan.learner.args
+
+
+def test_gpus_that_no_process_gets_are_named():
+    placement = "{env: 0-1, rollout: 2-3, actor: 0-3}"
+    assert idle_gpus(plan_for(4, placement, servers=2, replicas=2), 4) == []
+    lines = idle_gpus(plan_for(4, placement, servers=1, replicas=1), 4)
+    assert lines == [
+        "rollout is placed on GPUs [2, 3] but rollout.replicas is 1: GPU(s) [3] get no rollout "
+        "process",
+        "env is placed on GPUs [0, 1] but env.train.num_servers is 1: GPU(s) [1] get no env "
+        "process",
+    ]
