@@ -95,22 +95,22 @@ def run_placement(name: str, args: argparse.Namespace, checkpoint: str, runs: Pa
     overrides.append(f"runner.logger.experiment_name={experiment}")
     log = Path(args.out) / f"{experiment}.log"
     t0 = time.perf_counter()
-    with open(log, "w") as f:
-        rc = subprocess.run([sys.executable, "-m", "vla_rl.cli", "train", *overrides],
-                            cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode  # fmt: skip
+    if not args.results_only:
+        with open(log, "w") as f:
+            rc = subprocess.run([sys.executable, "-m", "vla_rl.cli", "train", *overrides],
+                                cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": _pythonpath()}).returncode  # fmt: skip
+        if rc != 0:
+            tail = log.read_text(errors="replace")[-3000:]
+            return {"placement": name, "failed": rc, "log_tail": tail, "overrides": overrides}
     wall = time.perf_counter() - t0
-    if rc != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        return {"placement": name, "failed": rc, "log_tail": tail, "overrides": overrides}
     run_dir = runs / experiment
-    summary = json.loads((run_dir / "summary.json").read_text())
     values = scalars(run_dir)
     steady = values["time/iteration_s"][1:]  # the first holds the services' start-up
     steps_per_iteration = args.envs * args.episode_steps
-    return {
+    result = {
         "placement": name,
         "overrides": overrides,
-        "wall_s_including_startup": wall,
         "iteration_s": values["time/iteration_s"],
         "steady_env_steps_per_s": steps_per_iteration / statistics.mean(steady),
         "median_phase_s": {
@@ -118,9 +118,19 @@ def run_placement(name: str, args: argparse.Namespace, checkpoint: str, runs: Pa
             for p in PHASES
             if f"time/{p}_s" in values
         },
-        "env_steps": sum(e["env_steps"] for e in summary["env"]),
-        "rollout_replicas": len(summary["rollout"]),
     }
+    if not args.results_only:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        result["wall_s_including_startup"] = wall
+        result["env_steps"] = sum(e["env_steps"] for e in summary["env"])
+        result["rollout_replicas"] = len(summary["rollout"])
+    return result
+
+
+def _pythonpath() -> str:
+    """This repository first, so that the children import its vla_rl without an install."""
+    rest = os.environ.get("PYTHONPATH")
+    return str(REPO) + (os.pathsep + rest if rest else "")
 
 
 def main() -> None:
@@ -139,6 +149,11 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/placements")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "placements"))
     ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument(
+        "--results-only",
+        action="store_true",
+        help="read the runs already under --work instead of training again",
+    )
     args = ap.parse_args()
     names = args.placements.split(",")
     unknown = set(names) - set(PLACEMENTS)
@@ -152,7 +167,8 @@ def main() -> None:
     if not (checkpoint / "config.json").exists():
         subprocess.run([sys.executable, str(REPO / "benchmarks" / "random_checkpoint.py"),
                         str(checkpoint), "--size", args.size,
-                        "--device", "cuda" if args.gpus else "cpu"], check=True)  # fmt: skip
+                        "--device", "cuda" if args.gpus else "cpu"], check=True,
+                       env={**os.environ, "PYTHONPATH": _pythonpath()})  # fmt: skip
     import torch
 
     card = torch.cuda.get_device_name(0) if args.gpus else "cpu"

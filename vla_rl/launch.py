@@ -881,7 +881,7 @@ def _train(cfg: TrainConfig, launch: Launch, num_gpus: int, check: subprocess.Po
             learner = next(c for c in launch.children if c.name == "learner")
         if code == 0 and evaluations is not None:
             evaluations.finish()
-        summary = run_summary(cfg, env_children(launch))
+        summary = run_summary(cfg, env_children(launch), launch.child_env)
         summary["restarts"] = dict(supervisor.restarts)
         summary["lost_envs"] = supervisor.lost_envs
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -983,9 +983,13 @@ class Evaluations:
         self.rollout.close()
 
 
-def run_summary(cfg: TrainConfig, env_servers: list[Child]) -> dict:
+def run_summary(
+    cfg: TrainConfig, env_servers: list[Child], child_env: dict[str, str] | None = None
+) -> dict:
     """The services' final state, read before they stop: what each rollout replica serves, what
-    the env servers wrote and what the buffer holds (for the user, and for the e2e tests)."""
+    the env servers wrote and what the buffer holds (for the user, and for the e2e tests).
+    `child_env`: what the services were started with (the served memory buffer's key is there,
+    not in this process's environment)."""
     from vla_rl.rpc.client import DEFAULT_DEADLINE_S, make_channel
     from vla_rl.rpc.gen.v1 import env_pb2, env_pb2_grpc
     from vla_rl.rpc.rollout_client import RolloutClient
@@ -1011,8 +1015,10 @@ def run_summary(cfg: TrainConfig, env_servers: list[Child]) -> dict:
              "env_steps": status.env_steps, "episodes": status.episodes}
         )  # fmt: skip
     from vla_rl.buffer import from_url
+    from vla_rl.buffer.memory import AUTHKEY_ENV
 
-    buffer = from_url(cfg.buffer.url, stream=cfg.buffer.stream, group=cfg.buffer.group)
+    buffer = from_url(cfg.buffer.url, stream=cfg.buffer.stream, group=cfg.buffer.group,
+                      authkey=(child_env or {}).get(AUTHKEY_ENV))  # fmt: skip
     try:
         summary["buffer"] = {
             "url": security.redact_url(cfg.buffer.url),

@@ -581,7 +581,7 @@ def test_the_launcher_passes_its_memory_buffer_key_to_children_only(tmp_path, mo
     it to every child through its environment (not its command line); the launcher's own
     environment keeps no copy."""
     from vla_rl.config import load_config
-    from vla_rl.launch import Launch, start_buffer
+    from vla_rl.launch import Launch, run_summary, start_buffer
 
     monkeypatch.delenv("VLA_RL_BUFFER_AUTHKEY", raising=False)
     cfg = load_config(None, ["buffer.backend=memory"])
@@ -597,5 +597,10 @@ def test_the_launcher_passes_its_memory_buffer_key_to_children_only(tmp_path, mo
         assert launch.memory_server.authkey not in " ".join(child.proc.args)
         with from_url(url, stream=STREAM, consumer="c", authkey=launch.memory_server.authkey) as b:
             assert b.length() == 2
+        # The run's summary reads the buffer from the launcher too, with the children's key
+        # (it failed at the end of every Redis-less run on a lent GPU before).
+        cfg.buffer.url, cfg.buffer.stream, cfg.rollout.addresses = url, STREAM, []
+        summary = run_summary(cfg, [], launch.child_env)
+        assert summary["buffer"]["length"] == 2
     finally:
         launch.stop()
