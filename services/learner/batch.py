@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from vla_rl.algorithms import (
     broadcast_episode_advantages,
@@ -18,7 +19,7 @@ from vla_rl.algorithms import (
 )
 from vla_rl.buffer import Segment
 from vla_rl.models import OpenVLAPolicy, PromptBatch, PromptTokenizer
-from vla_rl.training.distributed import reshard
+from vla_rl.training.distributed import DataParallel, data_parallel, reshard
 from vla_rl.training.update import TrainBatch
 
 
@@ -91,7 +92,49 @@ def recompute_old(
     temperature: float,
     micro_batch_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token log-probs [M, K] (None tokens -> empty) and values [M] under the current weights."""
+    """Token log-probs [M, K] (None tokens -> empty) and values [M] under the current weights.
+
+    Every rank holds the whole batch; on W data-parallel ranks each computes one contiguous
+    W-th of the rows and the shares are gathered, so the recompute shrinks with the GPUs as the
+    update does instead of being repeated on each."""
+    dp = data_parallel(policy)
+    rows = _share(images.shape[0], dp.rank, dp.world_size)
+    share = PromptBatch(prompts.input_ids[rows], prompts.attention_mask[rows])
+    tokens = None if action_tokens is None else action_tokens[rows]
+    logp, values = _recompute_rows(
+        policy, images[rows], share, tokens, temperature, micro_batch_size
+    )
+    if dp.world_size > 1:
+        values = _gather_rows(values, dp, images.shape[0])
+        if action_tokens is not None:
+            logp = _gather_rows(logp, dp, images.shape[0])
+    return logp.cpu(), values.cpu()
+
+
+def _share(m: int, rank: int, world: int) -> torch.Tensor:
+    """Row indices of `rank`'s share of m rows: ceil(m / world) of them on every rank, the last
+    ranks' padded with repeats of row m-1, so that every rank runs the same number of forwards
+    (each one is a collective under FSDP) and the gathered shares line up."""
+    per_rank = -(-m // world)
+    return torch.arange(rank * per_rank, (rank + 1) * per_rank).clamp(max=m - 1)
+
+
+def _gather_rows(t: torch.Tensor, dp: DataParallel, m: int) -> torch.Tensor:
+    """Every rank's equal-sized share, in rank order, without the padding rows."""
+    parts = [torch.empty_like(t) for _ in range(dp.world_size)]
+    dist.all_gather(parts, t.contiguous(), group=dp.group)
+    return torch.cat(parts)[:m]
+
+
+def _recompute_rows(
+    policy: OpenVLAPolicy,
+    images: torch.Tensor,
+    prompts: PromptBatch,
+    action_tokens: torch.Tensor | None,
+    temperature: float,
+    micro_batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs [M, K] and values [M] (float32, on the policy's device) of these rows."""
     policy.eval()
     logps, values = [], []
     for start in range(0, images.shape[0], micro_batch_size):
@@ -106,12 +149,13 @@ def recompute_old(
             _, v = policy.forward_actions(pv, p, fill)
         else:
             lp, _, v = policy.evaluate_actions(pv, p, action_tokens[sl], temperature=temperature)
-            logps.append(lp.float().cpu())
-        values.append(v.float().cpu())
+            logps.append(lp.float())
+        values.append(v.float())
     # Without resharding after forward (shard_grad_op) the no-grad passes would leave every FSDP
     # unit gathered, i.e. the whole model on every rank, until the update's backward.
     reshard(policy)
-    logp = torch.cat(logps) if logps else torch.empty(0)
+    device = values[0].device
+    logp = torch.cat(logps) if logps else torch.empty(0, device=device)
     return logp, torch.cat(values)
 
 

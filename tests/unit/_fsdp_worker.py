@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script by torchrun
     sys.path.insert(0, str(REPO))
 
-from vla_rl.models import PromptTokenizer, tiny_config  # noqa: E402
+from services.learner.batch import recompute_old  # noqa: E402
+from vla_rl.models import PromptBatch, PromptTokenizer, tiny_config  # noqa: E402
 from vla_rl.models.lora import LoRASettings, apply_lora  # noqa: E402
 from vla_rl.models.tiny import build_tiny_policy, build_tiny_tokenizer  # noqa: E402
 from vla_rl.training import distributed  # noqa: E402
@@ -94,7 +95,16 @@ def probe(policy, batch: TrainBatch) -> dict[str, torch.Tensor]:
     pv = policy.pixel_values(sub.images)
     logp, _, values = policy.evaluate_actions(pv, sub.prompts, sub.action_tokens)
     out = policy.generate(pv, sub.prompts, greedy=True)
-    return {"logp": logp, "values": values, "greedy_tokens": out.action_tokens}
+    # The learner's recompute, split over the ranks: 11 rows in micro-batches of 4 (6 rows per
+    # rank, the second rank's padded), and values alone for 5 rows in micro-batches of 2.
+    full_logp, full_values = recompute_old(
+        policy, batch.images, batch.prompts, batch.action_tokens, 1.0, 4
+    )
+    first = PromptBatch(batch.prompts.input_ids[:5], batch.prompts.attention_mask[:5])
+    _, bootstrap = recompute_old(policy, batch.images[:5], first, None, 1.0, 2)
+    return {"logp": logp, "values": values, "greedy_tokens": out.action_tokens,
+            "recompute_logp": full_logp, "recompute_values": full_values,
+            "recompute_bootstrap": bootstrap}  # fmt: skip
 
 
 def same_tensors(blob_a: bytes, blob_b: bytes) -> bool:
