@@ -240,6 +240,8 @@ def main() -> None:
     common += ["--reduce-every-micro-batch"] if args.reduce_every_micro_batch else []
     common += ["--profile"] if args.profile else []
     common += ["--no-checks"] if args.no_checks else []
+    if args.reduce_every_micro_batch and args.strategy == "no_shard":
+        raise SystemExit("no_shard reduces once per step; --reduce-every-micro-batch is for FSDP")
     if args.no_checks and args.resume:
         raise SystemExit("--resume needs the checkpoint that --no-checks skips")
 

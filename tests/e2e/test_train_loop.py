@@ -168,13 +168,14 @@ def test_grpo_two_iterations_vllm_engine(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_learner_then_resume(tmp_path):
-    """Iteration 1 with the learner as 2 FSDP processes (gloo), then a rerun of the same run
-    resumes from its checkpoint with one process: the run reaches version 2 with every segment
-    of both launches acknowledged once (the Redis AOF carries the stream across launches)."""
+    """Iteration 1 with the learner as 2 data-parallel processes (gloo; no_shard, what the GPU
+    examples use; tests/e2e/test_multinode_learner.py runs full_shard), then a rerun of the same
+    run resumes from its checkpoint with one process: the run reaches version 2 with every
+    segment of both launches acknowledged once (the Redis AOF carries the stream across
+    launches)."""
     name = "runner.logger.experiment_name=fsdp"
-    run_dir, stdout = _train(
-        tmp_path, [name, "runner.max_epochs=1", "actor.fsdp_config.world_size=2"]
-    )
+    two = ["actor.fsdp_config.world_size=2", "actor.fsdp_config.sharding_strategy=no_shard"]
+    run_dir, stdout = _train(tmp_path, [name, "runner.max_epochs=1", *two])
     assert "iter    1/1" in stdout and "(2 learner processes)" in stdout
     run_dir, stdout = _train(tmp_path, [name])
     assert "iter    2/2" in stdout and "iter    1/2" not in stdout

@@ -121,7 +121,14 @@ def main(out_dir: Path) -> None:
     out: dict[str, object] = {"world": info.world_size}
     for kind in OPTIMIZERS:
         strategy = os.environ.get("FSDP_STRATEGY", "full_shard")  # sharding_strategy
-        policy = distributed.shard_policy(build_policy().to(info.device), strategy)
+        policy = build_policy().to(info.device)
+        if strategy == "no_shard" and info.rank > 0:
+            # A replicated policy starts from rank 0's adapter whatever the others drew.
+            with torch.no_grad():
+                for p in policy.parameters():
+                    if p.requires_grad:
+                        p.add_(0.01 * torch.randn_like(p))
+        policy = distributed.shard_policy(policy, strategy)
         before = distributed.serialize_adapter_distributed(policy, version=0)
         if kind == "adamw":
             out["probes"] = probe(policy, batch)

@@ -131,67 +131,6 @@ def _fsdp_units(policy: OpenVLAPolicy) -> list[nn.Module]:
 SHARDING_STRATEGIES = ("full_shard", "shard_grad_op", "no_shard")
 
 
-def shard_policy(
-    policy: OpenVLAPolicy,
-    strategy: str = "full_shard",
-    device_mesh: DeviceMesh | None = None,
-) -> OpenVLAPolicy:
-    """Make the policy data-parallel over all ranks with FSDP2 (in place; returns it). No-op in
-    one process. `strategy` is actor.fsdp_config.sharding_strategy:
-
-    - 'full_shard' (ZeRO-3): every parameter sharded; each unit gathers its parameters for the
-      forward, frees them, and gathers them again for the backward.
-    - 'shard_grad_op' (ZeRO-2): sharded, but kept gathered from forward to backward (more
-      memory, half the traffic).
-    - 'no_shard' (DDP): every rank holds the whole model. The frozen base is left out of FSDP
-      altogether (plain tensors, no collective ever touches it) and only the trainable
-      parameters (LoRA, value head) are FSDP-managed, replicated over a (world, 1) mesh, so
-      their gradients are all-reduced. With a frozen 7B base this removes the all-gathers of
-      the base, which dominate the sharded strategies, at the memory of one whole model per
-      GPU. Every rank must build the same base (the same checkpoint or seed).
-
-    Apply LoRA before (the adapter parameters must exist) and build the optimizer after (it
-    must hold the sharded parameters).
-    """
-    if strategy not in SHARDING_STRATEGIES:
-        raise ValueError(f"strategy must be one of {SHARDING_STRATEGIES}, got {strategy!r}")
-    if device_mesh is None:
-        if world_size() == 1:
-            return policy
-        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        shape = (world_size(), 1) if strategy == "no_shard" else (world_size(),)
-        names = ("replicate", "shard") if strategy == "no_shard" else ("shard",)
-        device_mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
-    expected_ndim = 2 if strategy == "no_shard" else 1
-    if device_mesh.ndim != expected_ndim:
-        raise ValueError(f"{strategy} needs a {expected_ndim}-D data-parallel device mesh")
-    if strategy == "no_shard" and device_mesh.size(1) != 1:
-        raise ValueError("no_shard needs a (world, 1) device mesh: nothing is sharded")
-    frozen = None
-    if strategy == "no_shard":
-        frozen = {p for p in policy.parameters() if not p.requires_grad}
-    reshard_after_forward = strategy == "full_shard"
-    for module in _fsdp_units(policy):
-        if frozen is not None and all(p in frozen for p in module.parameters()):
-            continue  # nothing of this unit is FSDP's: no unit needed
-        fully_shard(
-            module,
-            mesh=device_mesh,
-            reshard_after_forward=reshard_after_forward,
-            ignored_params=frozen,
-        )
-    # FSDP2 keeps the root unit's parameters gathered after forward unless told otherwise; after
-    # a no-grad forward (the learner's recompute) no backward would reshard them, and the module
-    # would go on exposing plain tensors in place of its sharded parameters.
-    fully_shard(policy, mesh=device_mesh, reshard_after_forward=True, ignored_params=frozen)
-    for name in _FORWARD_METHODS:
-        register_fsdp_forward_method(policy, name)
-    # The policy's outputs are slices of its logits; nothing here writes into them in place,
-    # which is what this warning (once per rank and call site) is about.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPOpenVLAPolicy\)")
-    return policy
-
-
 @dataclass(frozen=True)
 class DataParallel:
     """The data-parallel group a policy is sharded over (rank 0 of 1 when it is not)."""
@@ -201,13 +140,109 @@ class DataParallel:
     group: dist.ProcessGroup | None = None
 
 
+def shard_policy(
+    policy: OpenVLAPolicy,
+    strategy: str = "full_shard",
+    device_mesh: DeviceMesh | None = None,
+) -> OpenVLAPolicy:
+    """Make the policy data-parallel over all ranks (in place; returns it). No-op in one
+    process. `strategy` is actor.fsdp_config.sharding_strategy:
+
+    - 'full_shard' (ZeRO-3, FSDP2): every parameter sharded; each unit gathers its parameters
+      for the forward, frees them, and gathers them again for the backward.
+    - 'shard_grad_op' (ZeRO-2, FSDP2): sharded, but kept gathered from forward to backward (more
+      memory, half the traffic).
+    - 'no_shard' (DDP): every rank holds the whole model as plain tensors, as one process does;
+      the trainable parameters (LoRA, value head) start from rank 0's, and `reduce_gradients`
+      averages their gradients once per optimizer step. No FSDP at all: with a frozen 7B base
+      and a small adapter there is nothing to shard, and FSDP's per-unit hooks (three per unit
+      and micro-batch with gradient checkpointing) cost more than the one all-reduce. Every rank
+      must build the same base (the same checkpoint or seed): it is never communicated.
+
+    Apply LoRA before (the adapter parameters must exist) and build the optimizer after (it
+    must hold the sharded parameters).
+    """
+    if strategy not in SHARDING_STRATEGIES:
+        raise ValueError(f"strategy must be one of {SHARDING_STRATEGIES}, got {strategy!r}")
+    if strategy == "no_shard":
+        if device_mesh is not None:
+            raise ValueError("no_shard replicates over the default process group, not a mesh")
+        return replicate_policy(policy)
+    if device_mesh is None:
+        if world_size() == 1:
+            return policy
+        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        device_mesh = init_device_mesh(device_type, (world_size(),), mesh_dim_names=("shard",))
+    if device_mesh.ndim != 1:
+        raise ValueError(f"{strategy} needs a 1-D data-parallel device mesh")
+    reshard_after_forward = strategy == "full_shard"
+    for module in _fsdp_units(policy):
+        fully_shard(module, mesh=device_mesh, reshard_after_forward=reshard_after_forward)
+    # FSDP2 keeps the root unit's parameters gathered after forward unless told otherwise; after
+    # a no-grad forward (the learner's recompute) no backward would reshard them, and the module
+    # would go on exposing plain tensors in place of its sharded parameters.
+    fully_shard(policy, mesh=device_mesh, reshard_after_forward=True)
+    for name in _FORWARD_METHODS:
+        register_fsdp_forward_method(policy, name)
+    # The policy's outputs are slices of its logits; nothing here writes into them in place,
+    # which is what this warning (once per rank and call site) is about.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPOpenVLAPolicy\)")
+    return policy
+
+
+# Set on a policy by replicate_policy: its DataParallel (plain modules carry no mesh to read).
+_REPLICATED = "_vla_rl_replicated"
+
+
+def replicate_policy(policy: OpenVLAPolicy) -> OpenVLAPolicy:
+    """'no_shard': the policy stays a plain module on every rank; its trainable parameters are
+    set to rank 0's (LoRA's random init differs between ranks unless seeded alike) and it is
+    marked as replicated over the default process group. No-op in one process."""
+    if world_size() == 1:
+        return policy
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.requires_grad:
+                dist.broadcast(p.data, src=0)
+    setattr(policy, _REPLICATED, DataParallel(rank(), world_size(), dist.group.WORLD))
+    return policy
+
+
+def is_replicated(policy: nn.Module) -> bool:
+    return getattr(policy, _REPLICATED, None) is not None
+
+
+def reduce_gradients(policy: nn.Module, params: list[torch.Tensor]) -> None:
+    """Average the gradients of `params` over the ranks of a replicated ('no_shard') policy, in
+    one all-reduce per dtype; a no-op otherwise (FSDP reduces in its backward hooks). Call it
+    once per optimizer step, after the last backward: gradients are accumulated locally until
+    then, as FSDP does with gradient sync off."""
+    dp = getattr(policy, _REPLICATED, None)
+    if dp is None or dp.world_size == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is None:  # never used in this step's passes: a zero gradient, on every rank
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=dp.group)  # a sum: gloo has no average
+        flat /= dp.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
 def data_parallel(policy: nn.Module) -> DataParallel:
-    """Read the data-parallel group off a policy sharded by `shard_policy`."""
+    """Read the data-parallel group off a policy made data-parallel by `shard_policy`."""
+    replicated = getattr(policy, _REPLICATED, None)
+    if replicated is not None:
+        return replicated
     if not isinstance(policy, FSDPModule):
         return DataParallel()
     mesh = next(p.device_mesh for p in policy.parameters() if isinstance(p, DTensor))
-    if mesh.ndim == 2:  # no_shard: a (world, 1) mesh; the data-parallel ranks are its rows
-        mesh = mesh["replicate"]
     return DataParallel(mesh.get_local_rank(), mesh.size(), mesh.get_group())
 
 
@@ -329,10 +364,14 @@ def optimizer_state(policy: nn.Module, optimizer: torch.optim.Optimizer) -> dict
 def load_optimizer_state(
     policy: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> None:
-    """Load what `optimizer_state` saved. When sharded only rank 0's `state` is read (the
-    others may pass {}); it is broadcast and each rank keeps its shard."""
+    """Load what `optimizer_state` saved. When data-parallel only rank 0's `state` is read (the
+    others may pass {}); it is broadcast and each rank keeps its shard (or, replicated, all)."""
     sharded = isinstance(policy, FSDPModule)
     reshard(policy)
+    if is_replicated(policy):
+        state = broadcast_object(state)
+        if not state.get("state"):
+            return
     if sharded and not broadcast_object(bool(state.get("state"))):
         return  # nothing to load (no step taken yet, or a stateless optimizer)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)

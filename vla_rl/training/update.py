@@ -28,6 +28,8 @@ from .distributed import (
     all_reduce_sums,
     clip_grad_norm,
     data_parallel,
+    is_replicated,
+    reduce_gradients,
     reshard,
     set_gradient_sync,
 )
@@ -77,8 +79,9 @@ class PPOUpdateConfig:
     reduce_every_micro_batch: bool = False
     """Data-parallel: reduce gradients over the ranks after every micro-batch's backward, or
     (False, the default) let them add up on each rank and reduce once, after the step's last
-    micro-batch: one collective per step. Measured on 4 H200s with 7B shapes (no_shard, batch
-    256, micro 16): 3.27x the 1-GPU update against 2.79x (benchmarks/README.md)."""
+    micro-batch: one collective per step. Measured on 4 H200s with 7B shapes (no_shard as
+    FSDP2 then, batch 256, micro 16): 3.27x the 1-GPU update against 2.79x
+    (benchmarks/README.md). FSDP strategies only: no_shard always reduces once per step."""
 
     def __post_init__(self) -> None:
         for name, value, choices in (
@@ -173,6 +176,9 @@ def ppo_update(
     """
     policy.train()
     dp = data_parallel(policy)
+    if cfg.reduce_every_micro_batch and is_replicated(policy):
+        raise ValueError("no_shard reduces gradients once per step; reduce_every_micro_batch "
+                         "applies to the FSDP strategies")  # fmt: skip
     n = len(batch)
     valid = torch.ones(n, dtype=torch.bool) if batch.mask is None else batch.mask.bool()
     adv = batch.advantages.float()
@@ -226,6 +232,7 @@ def ppo_update(
                 # The accumulated gradient is the weighted mean over the mini-batch's valid
                 # decisions; FSDP averages over ranks, hence the factor world_size.
                 (loss * (weight * dp.world_size)).backward()
+            reduce_gradients(policy, params)  # no_shard's one all-reduce (FSDP's is done)
             grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
             record("actor/grad_norm", grad_norm)
             if torch.isfinite(grad_norm):
