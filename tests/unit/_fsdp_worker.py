@@ -139,10 +139,21 @@ def main(out_dir: Path) -> None:
             distributed.load_adapter_distributed(policy, before)
             restored = distributed.serialize_adapter_distributed(policy, version=0)
             out["adapter_round_trip"] = same_tensors(restored, before)
+            if strategy == "no_shard" and not info.is_main:
+                # Only rank 0 reads a checkpoint: the others must get its state from the load.
+                for entry in optimizer.state.values():
+                    for value in entry.values():
+                        value.zero_()
             distributed.load_optimizer_state(
                 policy, optimizer, out["optimizer"] if info.is_main else {}
             )
             out["optimizer_again"] = distributed.optimizer_state(policy, optimizer)
+            if strategy == "no_shard":  # replicated: every rank holds the same whole state
+                mine = sum(float(v.double().sum()) for e in optimizer.state.values()
+                           for v in e.values())  # fmt: skip
+                every = [None] * info.world_size
+                torch.distributed.all_gather_object(every, mine)
+                out["optimizer_same_on_every_rank"] = len(set(every)) == 1
     if info.is_main:
         torch.save(out, out_dir)
     distributed.barrier()

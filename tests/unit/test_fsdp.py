@@ -133,6 +133,7 @@ def test_two_process_fsdp_update_equals_single_process(tmp_path, strategy, reduc
         assert torch.allclose(got["probes"][key], value, rtol=1e-5, atol=1e-6), key
     # The optimizer state, gathered by name, matches and loads back through the shards.
     assert got["adapter_round_trip"]
+    assert got.get("optimizer_same_on_every_rank", strategy != "no_shard")
     want_state = ref["optimizer"]["state"]
     assert want_state.keys() == {n for n in initial}  # by name; loads back unsharded too
     for opt in (got["optimizer"], got["optimizer_again"]):

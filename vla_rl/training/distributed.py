@@ -369,10 +369,22 @@ def load_optimizer_state(
     sharded = isinstance(policy, FSDPModule)
     reshard(policy)
     if is_replicated(policy):
-        state = broadcast_object(state)
+        # On the CPU: pickled CUDA tensors would unpickle onto rank 0's GPU on every rank.
+        state = broadcast_object(_on_cpu(state) if rank() == 0 else None)
         if not state.get("state"):
             return
     if sharded and not broadcast_object(bool(state.get("state"))):
         return  # nothing to load (no step taken yet, or a stateless optimizer)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
     set_optimizer_state_dict(policy, optimizer, state, options=options)
+
+
+def _on_cpu(obj: Any) -> Any:
+    """A copy of a nested dict/list of tensors with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
