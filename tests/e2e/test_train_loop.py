@@ -189,11 +189,14 @@ def test_fsdp_learner_then_resume(tmp_path):
 def test_stale_collection_trains_with_decoupled_ppo_and_evaluates_periodically(tmp_path):
     """max_staleness 1: collection runs one version ahead of the learner, and the loss corrects
     with the rollout's log-probs (decoupled PPO). val_check_interval 1: env.eval runs beside
-    training on the served policy and once more on the final one."""
+    training on the served policy and once more on the final one. The buffer is the served
+    in-process one (what a machine without redis-server gets), read once more by the launcher
+    for summary.json."""
     run_dir, stdout = _train(
         tmp_path,
         [
             "runner.logger.experiment_name=stale",
+            "buffer.backend=memory",
             "runner.max_epochs=3",
             "runner.val_check_interval=1",
             "algorithm.max_staleness=1",
