@@ -124,6 +124,13 @@ def run_placement(name: str, args: argparse.Namespace, checkpoint: str, runs: Pa
         result["wall_s_including_startup"] = wall
         result["env_steps"] = sum(e["env_steps"] for e in summary["env"])
         result["rollout_replicas"] = len(summary["rollout"])
+        # Each env server's seconds per iteration (all iterations, the first included) waiting
+        # for actions, stepping its envs and waiting for the learner's next version.
+        servers = [e["seconds"] for e in summary["env"] if "seconds" in e]
+        if servers:
+            result["env_server_s_per_iteration"] = {
+                k: statistics.mean(s[k] for s in servers) / args.iterations for k in servers[0]
+            }
     return result
 
 
@@ -187,6 +194,8 @@ def main() -> None:
             print(f"[placements] {name} FAILED (exit {result['failed']}):\n{result['log_tail']}")
             continue
         phases = " ".join(f"{p} {s:.1f}" for p, s in result["median_phase_s"].items())
+        env_s = result.get("env_server_s_per_iteration", {})
+        phases += "; env server s/iteration: " + " ".join(f"{k} {v:.1f}" for k, v in env_s.items())
         print(f"[placements] {name}: {result['steady_env_steps_per_s']:.1f} env steps/s "
               f"(iterations {[round(s, 1) for s in result['iteration_s']]}; median s: {phases})",
               flush=True)  # fmt: skip

@@ -1012,7 +1012,10 @@ def run_summary(
             )
         summary["env"].append(
             {"name": child.name, "state": status.state, "segments_written": status.segments_written,
-             "env_steps": status.env_steps, "episodes": status.episodes}
+             "env_steps": status.env_steps, "episodes": status.episodes,
+             "seconds": {"act_wait": status.act_wait_seconds,
+                         "env_step": status.env_step_seconds,
+                         "policy_wait": status.policy_wait_seconds}}
         )  # fmt: skip
     from vla_rl.buffer import from_url
     from vla_rl.buffer.memory import AUTHKEY_ENV

@@ -141,6 +141,10 @@ class CollectionStats:
     episodes: int = 0
     policy_version: int = -1
     error: str = ""
+    # Seconds spent waiting for actions, stepping the envs, and waiting for a policy version.
+    act_wait_s: float = 0.0
+    env_step_s: float = 0.0
+    policy_wait_s: float = 0.0
 
 
 class _Trajectory:
@@ -256,7 +260,10 @@ class Collector:
             iteration = cfg.start_version
             end = None if cfg.iterations == 0 else cfg.start_version + cfg.iterations
             while not self.stop_event.is_set() and (end is None or iteration < end):
-                if self._wait_for_version(iteration - cfg.max_staleness) < 0:
+                t0 = time.monotonic()
+                version = self._wait_for_version(iteration - cfg.max_staleness)
+                self.stats.policy_wait_s += time.monotonic() - t0
+                if version < 0:
                     break
                 self._collect_iteration(iteration, pools, per_stage)
                 iteration += 1
@@ -275,9 +282,11 @@ class Collector:
     def _collect_iteration(self, iteration: int, pools: list[EnvPool], per_stage: int) -> None:
         cfg = self.config
         trajs = [[_Trajectory() for _ in range(per_stage)] for _ in pools]
+        t0 = time.monotonic()
         obs = [
             pool.reset(self._reset_seeds(iteration, s, per_stage)) for s, pool in enumerate(pools)
         ]
+        self.stats.env_step_s += time.monotonic() - t0  # resets render too
         task_ids = [list(o.task_ids) for o in obs]
         pending: list[Future] = [
             self.act(o.images, list(o.instructions), cfg.temperature) for o in obs
@@ -288,8 +297,12 @@ class Collector:
             for s, pool in enumerate(pools):
                 if self.stop_event.is_set():
                     return
+                t0 = time.monotonic()
                 result = self._act_result(pending[s], obs[s])
+                t1 = time.monotonic()
                 step = self._step_chunk(pool, result.actions)
+                self.stats.act_wait_s += t1 - t0
+                self.stats.env_step_s += time.monotonic() - t1
                 for i, traj in enumerate(trajs[s]):
                     traj.images.append(obs[s].images[i])
                     traj.instructions.append(obs[s].instructions[i])

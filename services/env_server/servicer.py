@@ -260,6 +260,9 @@ class EnvServicer(env_pb2_grpc.EnvServiceServicer):
             episodes=s.episodes,
             policy_version=s.policy_version,
             error=s.error,
+            act_wait_seconds=s.act_wait_s,
+            env_step_seconds=s.env_step_s,
+            policy_wait_seconds=s.policy_wait_s,
         )
 
     @map_errors

@@ -90,6 +90,12 @@ def _check_run(run_dir: Path, stdout: str, expected_tags: list[str]) -> None:
     # and the learner trained on exactly as many as were written.
     written = sum(e["segments_written"] for e in summary["env"])
     assert written == 4  # 2 envs x 2 iterations
+    # Where collection's time went: every step waited for an action and stepped the envs, and
+    # iteration 2 waited for version 1 (on-policy).
+    for env in summary["env"]:
+        seconds = env["seconds"]
+        assert seconds["act_wait"] > 0 and seconds["env_step"] > 0, env
+        assert seconds["policy_wait"] > 0, env
     buffer = summary["buffer"]
     assert buffer["pending"] == 0 and buffer["dead_letters"] == 0
     assert buffer["acked_segments"] == written == buffer["length"]

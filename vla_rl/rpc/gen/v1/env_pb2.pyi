@@ -72,7 +72,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CollectionStatus(_message.Message):
-    __slots__ = ("state", "run_id", "segments_written", "env_steps", "episodes", "policy_version", "error")
+    __slots__ = ("state", "run_id", "segments_written", "env_steps", "episodes", "policy_version", "error", "act_wait_seconds", "env_step_seconds", "policy_wait_seconds")
     STATE_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_WRITTEN_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,9 @@ class CollectionStatus(_message.Message):
     EPISODES_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ACT_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENV_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     state: str
     run_id: str
     segments_written: int
@@ -87,7 +90,10 @@ class CollectionStatus(_message.Message):
     episodes: int
     policy_version: int
     error: str
-    def __init__(self, state: _Optional[str] = ..., run_id: _Optional[str] = ..., segments_written: _Optional[int] = ..., env_steps: _Optional[int] = ..., episodes: _Optional[int] = ..., policy_version: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    act_wait_seconds: float
+    env_step_seconds: float
+    policy_wait_seconds: float
+    def __init__(self, state: _Optional[str] = ..., run_id: _Optional[str] = ..., segments_written: _Optional[int] = ..., env_steps: _Optional[int] = ..., episodes: _Optional[int] = ..., policy_version: _Optional[int] = ..., error: _Optional[str] = ..., act_wait_seconds: _Optional[float] = ..., env_step_seconds: _Optional[float] = ..., policy_wait_seconds: _Optional[float] = ...) -> None: ...
 
 class ResetRequest(_message.Message):
     __slots__ = ("task_id", "seed", "session_id", "env_type", "image_size", "control_mode", "reward_mode", "task_modules", "max_episode_steps", "sim_backend", "action_dim", "ignore_terminations")
