@@ -156,8 +156,8 @@ def shard_policy(
       the trainable parameters (LoRA, value head) start from rank 0's, and `reduce_gradients`
       averages their gradients once per optimizer step. No FSDP at all: with a frozen 7B base
       and a small adapter there is nothing to shard, and FSDP's per-unit hooks (three per unit
-      and micro-batch with gradient checkpointing) cost more than the one all-reduce. Every rank
-      must build the same base (the same checkpoint or seed): it is never communicated.
+      and micro-batch with gradient checkpointing) would be pure overhead. Every rank must
+      build the same base (the same checkpoint or seed): it is never communicated.
 
     Apply LoRA before (the adapter parameters must exist) and build the optimizer after (it
     must hold the sharded parameters).
