@@ -120,8 +120,9 @@ def run_placement(name: str, args: argparse.Namespace, checkpoint: str, runs: Pa
         },
     }
     if not args.results_only:
-        summary = json.loads((run_dir / "summary.json").read_text())
         result["wall_s_including_startup"] = wall
+    if (run_dir / "summary.json").exists():  # a run that ended with an error has none
+        summary = json.loads((run_dir / "summary.json").read_text())
         result["env_steps"] = sum(e["env_steps"] for e in summary["env"])
         result["rollout_replicas"] = len(summary["rollout"])
         # Each env server's seconds per iteration (all iterations, the first included) waiting
