@@ -98,16 +98,20 @@ def recompute_old(
     W-th of the rows and the shares are gathered, so the recompute shrinks with the GPUs as the
     update does instead of being repeated on each."""
     dp = data_parallel(policy)
+    if dp.world_size == 1:  # the whole batch, without copying it into a share
+        logp, values = _recompute_rows(
+            policy, images, prompts, action_tokens, temperature, micro_batch_size
+        )
+        return logp.cpu(), values.cpu()
     rows = _share(images.shape[0], dp.rank, dp.world_size)
     share = PromptBatch(prompts.input_ids[rows], prompts.attention_mask[rows])
     tokens = None if action_tokens is None else action_tokens[rows]
     logp, values = _recompute_rows(
         policy, images[rows], share, tokens, temperature, micro_batch_size
     )
-    if dp.world_size > 1:
-        values = _gather_rows(values, dp, images.shape[0])
-        if action_tokens is not None:
-            logp = _gather_rows(logp, dp, images.shape[0])
+    values = _gather_rows(values, dp, images.shape[0])
+    if action_tokens is not None:
+        logp = _gather_rows(logp, dp, images.shape[0])
     return logp.cpu(), values.cpu()
 
 
