@@ -128,7 +128,8 @@ def phase_rl(args: argparse.Namespace) -> None:
     setup = setup_of(args)
     cmd = ["train", *model_overrides(setup, args.base), *env_overrides(args),
            *rl_overrides(setup, args.algorithm, args.group_size, args.lr, args.update_epochs,
-                         args.mini_batches, args.micro_batch, args.temperature, args.value_coef, args.reward_scale),
+                         args.mini_batches, args.micro_batch, args.temperature, args.value_coef, args.reward_scale,
+                         args.max_staleness),
            f"runner.logger.log_path={runs}", f"runner.logger.experiment_name={name}",
            f"runner.max_epochs={args.iterations}", f"runner.val_check_interval={args.eval_every}",
            f"runner.save_interval={args.save_every}", f"runner.seed={args.seed}"]  # fmt: skip
@@ -226,6 +227,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="PPO: weight of the value loss in the LoRA's gradient (algorithm.value_coef)")  # fmt: skip
     p.add_argument("--reward-scale", type=float, default=1.0,
                    help="PPO: rewards x this before GAE (algorithm.reward_scale)")  # fmt: skip
+    p.add_argument("--max-staleness", type=int, default=0,
+                   help="collection runs up to this many versions ahead (algorithm.max_staleness)")  # fmt: skip
     args = p.parse_args(argv)
     if args.phase == "rl" and not args.base:
         p.error("rl needs --base")

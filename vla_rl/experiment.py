@@ -223,9 +223,11 @@ def rl_overrides(
     temperature: float,
     value_coef: float = 1.0,
     reward_scale: float = 1.0,
+    max_staleness: int = 0,
 ) -> list[str]:
     """The algorithm and actor keys of an RL run from the base (one iteration = one episode of
-    every training env)."""
+    every training env). max_staleness > 0 lets collection run that many versions ahead of the
+    learner (decoupled PPO), so collecting and updating overlap."""
     if algorithm == "grpo" and (value_coef != 1.0 or reward_scale != 1.0):
         raise SystemExit("--value-coef and --reward-scale are PPO's (GRPO has no critic)")
     algo = (
@@ -242,6 +244,7 @@ def rl_overrides(
     return [
         *algo,
         f"algorithm.update_epoch={update_epochs}",
+        f"algorithm.max_staleness={max_staleness}",
         f"actor.optim.lr={lr}",
         f"actor.global_batch_size={batch}",
         f"actor.micro_batch_size={micro}",
@@ -315,7 +318,8 @@ def run_experiment(args: argparse.Namespace) -> dict:
     run_dir = out / "train"
     cmd = ["train", *model_overrides(setup, str(cache / "base")), *env_overrides(setup),
            *rl_overrides(setup, args.algorithm, args.group_size, args.lr, args.update_epochs,
-                         args.mini_batches, args.micro_batch, args.temperature, args.value_coef, args.reward_scale),
+                         args.mini_batches, args.micro_batch, args.temperature, args.value_coef, args.reward_scale,
+                         args.max_staleness),
            f"runner.logger.log_path={out}", "runner.logger.experiment_name=train",
            f"runner.max_epochs={args.iterations}", f"runner.val_check_interval={args.eval_every}",
            f"runner.save_interval={args.save_every}", f"runner.seed={args.seed}"]  # fmt: skip
@@ -404,4 +408,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="PPO: weight of the value loss in the LoRA's gradient (algorithm.value_coef)")  # fmt: skip
     p.add_argument("--reward-scale", type=float, default=1.0,
                    help="PPO: rewards x this before GAE (algorithm.reward_scale)")  # fmt: skip
+    p.add_argument("--max-staleness", type=int, default=0,
+                   help="collection runs up to this many policy versions ahead of the learner "
+                        "(algorithm.max_staleness; decoupled PPO): collecting overlaps updating")  # fmt: skip
     p.add_argument("--lora-rank", type=int, default=32)

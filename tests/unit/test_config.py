@@ -408,3 +408,28 @@ def test_default_config_is_a_fresh_object():
     a, b = tiny_cpu_default(), tiny_cpu_default()
     a.env.train.task_ids.append("PushCube-v1")
     assert b.env.train.task_ids == ["PickCube-v1"] and b == TrainConfig()
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_the_experiment_flags_make_a_config_that_loads(algorithm):
+    """`vla-rl experiment` / rl_gain.py turn their flags into train overrides: every one must load
+    and land where it says (--max-staleness is algorithm.max_staleness, which overlaps collection
+    with the update)."""
+    import argparse
+
+    from vla_rl.experiment import add_arguments, env_overrides, rl_overrides, setup_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    group = ["--group-size", "2", "--envs-per-server", "2"] if algorithm == "grpo" else []
+    args = parser.parse_args(["--algorithm", algorithm, "--max-staleness", "1", *group])
+    setup = setup_from_args(args, work="/tmp/x")
+    overrides = [
+        *env_overrides(setup),
+        *rl_overrides(setup, algorithm, args.group_size, args.lr, args.update_epochs,
+                      args.mini_batches, args.micro_batch, args.temperature,
+                      max_staleness=args.max_staleness),
+    ]  # fmt: skip
+    cfg = load_config(None, overrides)
+    assert cfg.algorithm.max_staleness == 1
+    assert cfg.algorithm.adv_type == ("grpo" if algorithm == "grpo" else "gae")
