@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from vla_rl.training.update import PPOUpdateConfig, make_optimizer
 
 from . import metrics
 from .batch import AdvantageConfig
-from .trainer import Learner, LoopSettings, SegmentTimeout
+from .trainer import Learner, LoopSettings, Publish, SegmentTimeout
 
 log = logging.getLogger("vla_rl.learner")
 
@@ -168,6 +169,38 @@ def check_model(policy, plan: LearnerPlan) -> None:
             raise SystemExit(
                 f"learner: {key} says {want!r} but the checkpoint {plan.model_path} has {got!r}"
             )
+
+
+def build_learner(
+    plan: LearnerPlan,
+    device: torch.device,
+    buffer,
+    publish: Publish | None,
+    log_metrics: Callable[[dict[str, float], int], None] = lambda m, step: None,
+    while_waiting: Callable[[], None] = lambda: None,
+) -> Learner:
+    """The policy (LoRA, gradient checkpointing, sharding as planned), its optimizer and the
+    Learner around them; `buffer` and `publish` are rank 0's (None on the other ranks)."""
+    policy = load_policy(plan.model_path, dtype=_DTYPES[plan.precision], device=device)
+    check_model(policy, plan)
+    apply_lora(policy, plan.lora)
+    if plan.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    policy.to(device)
+    shard_policy(policy, plan.sharding_strategy)
+    return Learner(
+        policy,
+        PromptTokenizer(load_tokenizer(plan.model_path)),
+        make_optimizer(policy, **plan.optimizer),
+        buffer,
+        publish,
+        plan.update,
+        plan.advantage,
+        plan.loop,
+        log_metrics=log_metrics,
+        seed=plan.seed,
+        while_waiting=while_waiting,
+    )
 
 
 class LearnerServicer(learner_pb2_grpc.LearnerServiceServicer):
@@ -342,14 +375,6 @@ def main(argv: list[str] | None = None) -> None:
         # only global rank 0 serves the LearnerService.
         server = make_server(max_workers=1)
         bind(server, f"{args.host}:{args.port}", "learner node")
-    policy = load_policy(plan.model_path, dtype=_DTYPES[plan.precision], device=device)
-    check_model(policy, plan)
-    apply_lora(policy, plan.lora)
-    if plan.gradient_checkpointing:
-        policy.enable_gradient_checkpointing()
-    policy.to(device)
-    shard_policy(policy, plan.sharding_strategy)
-    optimizer = make_optimizer(policy, **plan.optimizer)
     # Only rank 0 talks to the buffer, the rollout replicas, TensorBoard and status clients.
     buffer = replicas = None
     log_metrics = lambda m, step: None  # noqa: E731
@@ -370,17 +395,12 @@ def main(argv: list[str] | None = None) -> None:
                 to_loggers(values, step)
                 exporter.log(values, step)
 
-    learner = Learner(
-        policy,
-        PromptTokenizer(load_tokenizer(plan.model_path)),
-        optimizer,
+    learner = build_learner(
+        plan,
+        device,
         buffer,
         replicas.publish if replicas else None,
-        plan.update,
-        plan.advantage,
-        plan.loop,
         log_metrics=log_metrics,
-        seed=plan.seed,
         while_waiting=replicas.resync if replicas else lambda: None,
     )
     if learner.resume():

@@ -30,6 +30,22 @@ def _temperature(req: rollout_pb2.ActRequest) -> float:
     return req.temperature if req.temperature != 0 else 1.0
 
 
+def decode_actions(
+    action_tokens: np.ndarray,
+    tokenizer: ActionTokenizer,
+    normalizer: ActionNormalizer,
+    action_dim: int,
+) -> np.ndarray:
+    """Action tokens [B, C * action_dim] -> the env's actions, float32 [B, C, action_dim]
+    (bins -> [-1, 1] -> the dataset's units by norm_stats). Non-finite actions are an error."""
+    b, k = action_tokens.shape
+    normalized = tokenizer.decode(action_tokens.reshape(b, k // action_dim, action_dim))
+    actions = normalizer.unnormalize(normalized).astype(np.float32)
+    if not np.isfinite(actions).all():
+        raise RuntimeError("the policy produced non-finite actions")
+    return actions
+
+
 class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
     def __init__(
         self,
@@ -69,12 +85,9 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServiceServicer):
         return images, instructions
 
     def _reply(self, req: rollout_pb2.ActRequest, out: EngineOutput) -> rollout_pb2.ActReply:
-        b, k = out.action_tokens.shape
-        chunk = k // self.action_dim
-        normalized = self.tokenizer.decode(out.action_tokens.reshape(b, chunk, self.action_dim))
-        actions = self.normalizer.unnormalize(normalized).astype(np.float32)
-        if not np.isfinite(actions).all():
-            raise RuntimeError("the policy produced non-finite actions")
+        actions = decode_actions(
+            out.action_tokens, self.tokenizer, self.normalizer, self.action_dim
+        )
         return rollout_pb2.ActReply(
             request_id=req.request_id,
             action_tokens=to_tensor(out.action_tokens.astype(np.int64)),
