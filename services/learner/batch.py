@@ -208,8 +208,10 @@ def build_train_batch(
     adv_cfg: AdvantageConfig,
     temperature: float,
     micro_batch_size: int,
+    recompute_logprobs: bool = True,
 ) -> tuple[TrainBatch, dict[str, float]]:
-    """Flatten [T, N] decisions into a TrainBatch with recomputed old log-probs and values."""
+    """Flatten [T, N] decisions into a TrainBatch with the old log-probs (recomputed, or the
+    rollout's when not `recompute_logprobs`) and values (recomputed; GRPO has none)."""
     if seg.truncated[:-1].any():
         # The bootstrap below reads V of the next step after a mid-segment cut, which would be
         # the next episode's first observation. Segments are checked when decoded; this guards
@@ -219,9 +221,18 @@ def build_train_batch(
     flat_images = seg.images.reshape(T * N, *seg.images.shape[2:])
     flat_prompts = prompts_of([text for step in seg.instructions for text in step])
     flat_tokens = seg.action_tokens.reshape(T * N, -1)
-    old_logp, old_values = recompute_old(
-        policy, flat_images, flat_prompts, flat_tokens, temperature, micro_batch_size
-    )
+    behaviour = seg.behaviour_logprobs.reshape(T * N, -1)
+    if recompute_logprobs:
+        old_logp, old_values = recompute_old(
+            policy, flat_images, flat_prompts, flat_tokens, temperature, micro_batch_size
+        )
+    elif adv_cfg.adv_type == "gae":  # the critic's values still take a forward
+        _, old_values = recompute_old(
+            policy, flat_images, flat_prompts, None, temperature, micro_batch_size
+        )
+        old_logp = behaviour
+    else:  # GRPO without a recompute: no forward before the update
+        old_logp, old_values = behaviour, torch.zeros(T * N)
     values = old_values.view(T, N)
     mask = torch.ones(T, N, dtype=torch.bool)
     stats: dict[str, float] = {}
@@ -266,16 +277,16 @@ def build_train_batch(
         weights = mask.float()
     flat_mask = mask.reshape(-1)
     valid_adv = adv.reshape(-1)[flat_mask]
-    behaviour = seg.behaviour_logprobs.reshape(T * N, -1)
     stats.update(
         {
             "rollout/advantages_max": float(valid_adv.max()) if valid_adv.numel() else 0.0,
             "rollout/advantages_mean": float(valid_adv.mean()) if valid_adv.numel() else 0.0,
             "rollout/advantages_min": float(valid_adv.min()) if valid_adv.numel() else 0.0,
             "rollout/rewards": float(seg.rewards.mean()),
-            "rollout/logprob_mismatch": float((behaviour - old_logp).abs().mean()),
         }
     )
+    if recompute_logprobs:  # without the recompute there is nothing to compare
+        stats["rollout/logprob_mismatch"] = float((behaviour - old_logp).abs().mean())
     batch = TrainBatch(
         images=flat_images,
         prompts=flat_prompts,

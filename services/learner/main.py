@@ -135,6 +135,7 @@ def learner_plan(cfg: TrainConfig) -> LearnerPlan:
             resume_dir=cfg.runner.resume_dir,
             temperature=cfg.rollout.sampling_params.temperature_train,
             micro_batch_size=actor.micro_batch_size,
+            recompute_logprobs=alg.recompute_logprobs,
             max_staleness=alg.max_staleness,
             segment_timeout_s=cfg.runner.segment_timeout_s,
         ),

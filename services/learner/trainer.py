@@ -63,6 +63,8 @@ class LoopSettings:
     """The rollout's sampling temperature (the old log-probs must use the same)."""
     micro_batch_size: int = 8
     """Micro-batch of the no-grad recompute."""
+    recompute_logprobs: bool = True
+    """Recompute the old log-probs before the update; false: the rollout's are the old ones."""
     max_staleness: int = 0
     """Segments collected by a policy more than this many versions older than the learner's are
     dropped (and counted) instead of trained on."""
@@ -258,6 +260,7 @@ class Learner:
             self.adv_cfg,
             self.loop.temperature,
             self.loop.micro_batch_size,
+            recompute_logprobs=self.loop.recompute_logprobs,
         )
         t1 = time.monotonic()
         self.phase = "updating"

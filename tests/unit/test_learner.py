@@ -499,3 +499,74 @@ def test_replicas_follow_discovered_targets_keeping_known_clients():
     assert [c.target for c in replicas.clients] == ["10.0.0.2:50051", "10.0.0.3:50051"]
     assert replicas.clients[0] is first["10.0.0.2:50051"]  # a known replica keeps its channel
     replicas.close()
+
+
+# ------------------------------------------------------------------- recompute_logprobs: false
+
+
+class _CountingPolicy:
+    """The tiny policy with its forwards counted (what the recompute costs)."""
+
+    def __init__(self, policy) -> None:
+        self.policy, self.forwards = policy, 0
+
+    def __getattr__(self, name):
+        attr = getattr(self.policy, name)
+        if name in ("evaluate_actions", "forward_actions"):
+
+            def counted(*args, **kwargs):
+                self.forwards += 1
+                return attr(*args, **kwargs)
+
+            return counted
+        return attr
+
+
+def test_without_the_recompute_the_rollouts_logprobs_are_the_old_ones(prompts_of):
+    """recompute_logprobs false: GRPO runs no forward before the update and trains against the
+    rollout's log-probs; GAE still runs the critic's forward (same values as with the
+    recompute) but takes the rollout's log-probs."""
+    policy = build_tiny_policy()
+    grpo_seg = stack_segments(grpo_group(0, [0, None]) + grpo_group(1, [1, None]))
+    counting = _CountingPolicy(policy)
+    grpo, stats = build_train_batch(
+        counting, prompts_of, grpo_seg, AdvantageConfig("grpo"), 1.0, 8, recompute_logprobs=False
+    )
+    assert counting.forwards == 0
+    assert torch.equal(grpo.old_logprobs, grpo.behaviour_logprobs)
+    assert "rollout/logprob_mismatch" not in stats
+    recomputed, _ = build_train_batch(policy, prompts_of, grpo_seg, AdvantageConfig("grpo"), 1.0, 8)
+    assert torch.equal(grpo.advantages, recomputed.advantages)
+    assert not torch.allclose(recomputed.old_logprobs, recomputed.behaviour_logprobs)
+
+    gae_seg = stack_segments([make_segment(i, rewards=[0.0, 1.0, 0.0, 1.0]) for i in range(2)])
+    gae, _ = build_train_batch(
+        policy, prompts_of, gae_seg, AdvantageConfig("gae"), 1.0, 4, recompute_logprobs=False
+    )
+    full, _ = build_train_batch(policy, prompts_of, gae_seg, AdvantageConfig("gae"), 1.0, 4)
+    assert torch.equal(gae.old_logprobs, gae.behaviour_logprobs)
+    assert torch.allclose(gae.old_values, full.old_values, atol=1e-6)
+    assert torch.allclose(gae.advantages, full.advantages, atol=1e-6)
+
+
+def test_skipping_the_recompute_with_stale_collection_is_refused():
+    with pytest.raises(ConfigError, match="algorithm.recompute_logprobs"):
+        load_config(None, ["algorithm.recompute_logprobs=false", "algorithm.max_staleness=1"])
+    plan = learner_plan(load_config(None, ["algorithm.recompute_logprobs=false"]))
+    assert plan.loop.recompute_logprobs is False
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_the_learner_passes_recompute_logprobs_to_the_batch(recompute, prompts_of, tmp_path):
+    buffer = from_url("memory://", stream=f"recompute-{recompute}", group="learner")
+    policy = apply_lora(build_tiny_policy(), LoRASettings(rank=4))
+    learner = Learner(
+        policy, prompts_of, make_optimizer(policy, 1e-3, 1e-3), buffer, lambda blob, v: None,
+        PPOUpdateConfig(), AdvantageConfig(),
+        LoopSettings(2, 10, checkpoint_dir=tmp_path, recompute_logprobs=recompute),
+    )  # fmt: skip
+    for i in range(2):
+        buffer.put(make_segment(i, rewards=[0.0, 1.0, 0.0, 1.0]))
+    metrics = learner.train_iteration(learner.gather())
+    assert ("rollout/logprob_mismatch" in metrics) is recompute
+    assert learner.policy_version == 1

@@ -215,6 +215,12 @@ class AlgorithmConfig:
     behaviour_weight_cap: float | None = 5.0
     """Decoupled PPO (max_staleness > 0): truncate the weight pi_prox / pi_behaviour at this;
     null: no truncation."""
+    recompute_logprobs: bool = True
+    """Recompute the old log-probs with the learner's weights before the update (RLinf's key).
+    false: take the rollout's log-probs of the sampled tokens as the old ones (on-policy they
+    are the same policy's, up to the engines' numerics) and skip that forward; GRPO then runs
+    no forward before the update at all, GAE still one for the critic's values. Needs
+    max_staleness 0: decoupled PPO takes its ratio against the learner's recompute."""
 
     def __post_init__(self) -> None:
         self.adv_type = ADV_TYPE_ALIASES.get(self.adv_type, self.adv_type)
@@ -235,6 +241,12 @@ class AlgorithmConfig:
         _at_least("group_size", self.group_size, 1)
         _at_least("update_epoch", self.update_epoch, 1)
         _at_least("max_staleness", self.max_staleness, 0)
+        if not self.recompute_logprobs and self.max_staleness > 0:
+            raise ConfigError(
+                "recompute_logprobs",
+                f"false needs max_staleness 0 (got {self.max_staleness}): decoupled PPO takes "
+                "its ratio against the learner's recomputed log-probs (the proximal policy)",
+            )
         if not self.reward_scale > 0:
             raise ConfigError("reward_scale", f"must be > 0, got {self.reward_scale!r}")
         for name in ("gamma", "gae_lambda"):
