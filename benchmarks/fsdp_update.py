@@ -50,7 +50,8 @@ def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     policy = build(args.size, args.device, torch.bfloat16 if cuda else torch.float32)
     apply_lora(policy, LoRASettings(rank=32, alpha=32, targets=["llm", "projector", "vision"]))
-    policy.enable_gradient_checkpointing()
+    if not args.no_gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
     distributed.shard_policy(policy, args.strategy)
     g = torch.Generator().manual_seed(1)
     n, k = args.global_batch, 7
@@ -216,6 +217,9 @@ def main() -> None:
     ap.add_argument("--reduce-every-micro-batch", action="store_true",
                     help="reduce gradients after every micro-batch (the learner reduces once "
                          "per step)")  # fmt: skip
+    ap.add_argument("--no-gradient-checkpointing", action="store_true",
+                    help="keep activations (actor.fsdp_config.gradient_checkpointing false): "
+                         "faster where memory allows")  # fmt: skip
     ap.add_argument("--profile", action="store_true",
                     help="profile an update of one micro-batch per rank; rank 0 writes "
                          "<out>/profile_w<W>.txt")  # fmt: skip
@@ -239,6 +243,7 @@ def main() -> None:
               "--size", args.size, "--device", args.device]  # fmt: skip
     common += ["--reduce-every-micro-batch"] if args.reduce_every_micro_batch else []
     common += ["--profile"] if args.profile else []
+    common += ["--no-gradient-checkpointing"] if args.no_gradient_checkpointing else []
     common += ["--no-checks"] if args.no_checks else []
     if args.reduce_every_micro_batch and args.strategy == "no_shard":
         raise SystemExit("no_shard reduces once per step; --reduce-every-micro-batch is for FSDP")
@@ -274,6 +279,7 @@ def main() -> None:
     card = torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu_{args.size}"
     result = {"card": card, "torch": torch.__version__, "strategy": args.strategy,
               "reduce_every_micro_batch": args.reduce_every_micro_batch,
+              "gradient_checkpointing": not args.no_gradient_checkpointing,
               "micro_batch": args.micro, "rows": rows,
               "equality": compare(out, sizes) if 1 in sizes and not args.no_checks else {},
               "resume": resume}  # fmt: skip
