@@ -25,7 +25,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
+import statistics
 import subprocess
 import sys
 import threading
@@ -60,15 +62,47 @@ def steady_rate(env_steps: list[float], iteration_s: list[float]) -> float:
     return sum(env_steps[1:]) / sum(iteration_s[1:])
 
 
+PHASES = ("time/collect_wait_s", "time/prepare_s", "time/update_s", "time/publish_s")
+
+
+def phase_medians(per_phase: dict[str, list[float]]) -> dict[str, float]:
+    """Median seconds of each phase over the iterations after the first."""
+    return {k: statistics.median(v[1:]) for k, v in per_phase.items() if len(v) > 1}
+
+
 def _device(ranks: list[int] | str) -> torch.device:
     return torch.device("cpu" if ranks == "cpu" else f"cuda:{ranks[0]}")
 
 
-def in_process(overrides: list[str], num_gpus: int, log_dir: Path) -> dict:
-    """Train the config's iterations in this process; per-iteration env steps and seconds."""
+def in_process_config(overrides: list[str], num_gpus: int, log_dir: Path):
+    """The config, refused (before anything runs) where the in-process loop would not do what
+    `vla-rl train` does with it."""
     cfg = load_config(None, [f"runner.logger.log_path={log_dir}", *overrides])
     if cfg.actor_world_size(num_gpus) != 1 or cfg.rollout.replicas != 1:
         raise SystemExit("the in-process loop runs one learner process and one rollout engine")
+    if cfg.runner.val_check_interval > 0 or cfg.runner.resume_dir:
+        raise SystemExit(
+            "the in-process loop runs no periodic evaluation and no resume: leave "
+            "runner.val_check_interval and runner.resume_dir unset"
+        )
+    return cfg
+
+
+class _Decoded(Future):
+    """The batcher's pending EngineOutput, decoded into an ActResult by whoever asks for the
+    result (the collector's thread, as the env server decodes a gRPC reply in its own)."""
+
+    def __init__(self, pending: Future, decode) -> None:
+        super().__init__()
+        self.pending, self.decode = pending, decode
+
+    def result(self, timeout: float | None = None) -> ActResult:
+        return self.decode(self.pending.result(timeout))
+
+
+def in_process(overrides: list[str], num_gpus: int, log_dir: Path) -> dict:
+    """Train the config's iterations in this process; per-iteration env steps and seconds."""
+    cfg = in_process_config(overrides, num_gpus, log_dir)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     plan = launch_plan(
@@ -86,20 +120,12 @@ def in_process(overrides: list[str], num_gpus: int, log_dir: Path) -> dict:
     normalizer = ActionNormalizer.from_norm_stats(model.norm_stats, flags.unnorm_key)
     tokenizer, action_dim = ActionTokenizer(), int(model.action_dim)
 
+    def decode(out) -> ActResult:
+        actions = decode_actions(out.action_tokens, tokenizer, normalizer, action_dim)
+        return ActResult(out.action_tokens, actions, out.logprobs, out.policy_version)
+
     def act(images, instructions, temperature: float) -> Future:
-        done: Future = Future()
-
-        def finish(f: Future) -> None:
-            try:
-                out = f.result()
-                actions = decode_actions(out.action_tokens, tokenizer, normalizer, action_dim)
-                done.set_result(ActResult(out.action_tokens, actions, out.logprobs,
-                                          out.policy_version))  # fmt: skip
-            except BaseException as e:  # the collector sees the engine's error, as over gRPC
-                done.set_exception(e)
-
-        batcher.submit(images, instructions, temperature=temperature).add_done_callback(finish)
-        return done
+        return _Decoded(batcher.submit(images, instructions, temperature=temperature), decode)
 
     store = MemoryStreamStore()
     collectors = []
@@ -110,7 +136,9 @@ def in_process(overrides: list[str], num_gpus: int, log_dir: Path) -> dict:
         config.action_chunk = engine.action_chunk
         config.pool = dataclasses.replace(config.pool, action_dim=action_dim)
         config.__post_init__()
-        buffer = MemoryBuffer(stream=fields["stream"], store=store)
+        buffer = MemoryBuffer(
+            stream=fields["stream"], maxlen=fields["buffer_maxlen"] or None, store=store
+        )
         collectors.append(Collector(config, act, lambda: engine.policy_version, buffer))
 
     per_iteration: dict[int, dict[str, float]] = {}
@@ -128,8 +156,13 @@ def in_process(overrides: list[str], num_gpus: int, log_dir: Path) -> dict:
     t0 = time.perf_counter()
     for t in threads:
         t.start()
+    failed = lambda: [c.stats.error for c in collectors if c.stats.state == "failed"]  # noqa: E731
     try:
-        learner.run(print_line=lambda line: print("[in-process]", line, flush=True))
+        # A collector that fails stops the run at once (vla-rl train watches its env servers).
+        learner.run(stop=lambda: bool(failed()),
+                    print_line=lambda line: print("[in-process]", line, flush=True))  # fmt: skip
+        if failed():
+            raise SystemExit(f"collection failed: {failed()}")
         served = engine.policy_version
     finally:
         for c in collectors:
@@ -140,17 +173,22 @@ def in_process(overrides: list[str], num_gpus: int, log_dir: Path) -> dict:
         engine.close()
     steps = [per_iteration[i]["rollout/env_steps"] for i in sorted(per_iteration)]
     seconds = [per_iteration[i]["time/iteration_s"] for i in sorted(per_iteration)]
+    phases = {k: [per_iteration[i][k] for i in sorted(per_iteration)] for k in PHASES}
     return {"env_steps": steps, "iteration_s": seconds, "wall_s": time.perf_counter() - t0,
-            "served_policy_version": served,
+            "served_policy_version": served, "phase_medians_s": phase_medians(phases),
             "steady_env_steps_per_s": steady_rate(steps, seconds)}  # fmt: skip
 
 
-def through_services(overrides: list[str], log_dir: Path) -> dict:
-    """`vla-rl train` on the same config; per-iteration env steps and seconds from its logs."""
+def through_services(overrides: list[str], num_gpus: int, log_dir: Path) -> dict:
+    """`vla-rl train` on the same config and the same GPUs; per-iteration env steps and
+    seconds from its logs."""
     cmd = [sys.executable, "-m", "vla_rl.cli", "train", f"runner.logger.log_path={log_dir}",
            *overrides]  # fmt: skip
+    env = dict(os.environ)
+    if torch.cuda.is_available():  # vla-rl train places against the GPUs it can see
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(num_gpus))
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"vla-rl train failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -163,26 +201,32 @@ def through_services(overrides: list[str], log_dir: Path) -> dict:
     acc.Reload()
     steps = [e.value for e in acc.Scalars("rollout/env_steps")]
     seconds = [e.value for e in acc.Scalars("time/iteration_s")]
+    phases = {k: [e.value for e in acc.Scalars(k)] for k in PHASES}
     return {"env_steps": steps, "iteration_s": seconds, "wall_s": wall,
+            "phase_medians_s": phase_medians(phases),
             "steady_env_steps_per_s": steady_rate(steps, seconds)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iterations", type=int, default=5)
-    p.add_argument("--gpus", type=int, default=0, help="GPUs the placement resolves against")
-    p.add_argument("--work", default="/tmp/inprocess_loop")
+    p.add_argument("--gpus", type=int, default=torch.cuda.device_count(),
+                   help="GPUs both runs place against (the first N; default: all)")  # fmt: skip
+    p.add_argument("--work", default="/tmp/inprocess_loop",
+                   help="each run writes a new timestamped folder here (a run dir that exists "
+                        "would make vla-rl train resume instead of train)")  # fmt: skip
     p.add_argument("--out", default=str(REPO / "benchmarks/results/inprocess_loop"))
     p.add_argument("--tag", default="")
     p.add_argument("overrides", nargs="*", help="config overrides, as for vla-rl train")
     args = p.parse_args(argv)
     overrides = [f"runner.max_epochs={args.iterations}", *args.overrides]
-    work = Path(args.work)
+    work = Path(args.work) / time.strftime("%Y%m%d-%H%M%S")
+    in_process_config(overrides, args.gpus, work / "in_process")  # refused before anything runs
     result: dict = {"overrides": overrides, "date": time.strftime("%Y-%m-%d"),
                     "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}  # fmt: skip
     result["services"] = through_services(
-        [*overrides, "runner.logger.experiment_name=services"], work / "services"
+        [*overrides, "runner.logger.experiment_name=services"], args.gpus, work / "services"
     )
     result["in_process"] = in_process(
         [*overrides, "runner.logger.experiment_name=in_process"], args.gpus, work / "in_process"

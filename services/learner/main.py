@@ -181,7 +181,9 @@ def build_learner(
     while_waiting: Callable[[], None] = lambda: None,
 ) -> Learner:
     """The policy (LoRA, gradient checkpointing, sharding as planned), its optimizer and the
-    Learner around them; `buffer` and `publish` are rank 0's (None on the other ranks)."""
+    Learner around them; `buffer` and `publish` are rank 0's (None on the other ranks). Seeded
+    with the run's seed first: every rank starts from the same LoRA initialisation."""
+    torch.manual_seed(plan.seed)
     policy = load_policy(plan.model_path, dtype=_DTYPES[plan.precision], device=device)
     check_model(policy, plan)
     apply_lora(policy, plan.lora)
@@ -359,7 +361,6 @@ def main(argv: list[str] | None = None) -> None:
     plan.loop.run_id = args.run_id
     info = init_distributed(plan.dist_backend)
     device = info.device if info.world_size > 1 else torch.device(args.device)
-    torch.manual_seed(plan.seed)
     if not plan.model_path:
         raise SystemExit("learner: actor.model.model_path must name a checkpoint directory")
     server = None
@@ -396,32 +397,35 @@ def main(argv: list[str] | None = None) -> None:
                 to_loggers(values, step)
                 exporter.log(values, step)
 
-    learner = build_learner(
-        plan,
-        device,
-        buffer,
-        replicas.publish if replicas else None,
-        log_metrics=log_metrics,
-        while_waiting=replicas.resync if replicas else lambda: None,
-    )
-    if learner.resume():
-        learner.publish_current()
-
-    if server is not None:
-        if info.is_main:
-            learner_pb2_grpc.add_LearnerServiceServicer_to_server(LearnerServicer(learner), server)
-        add_health_and_reflection(server, [LEARNER_SERVICE] if info.is_main else [])
-        server.start()
-
-    stop = threading.Event()
-
-    def on_signal(signum, _frame) -> None:
-        log.info("%s: stopping after the current phase", signal.Signals(signum).name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+    # Everything opened above is closed below, also when the model fails to load or check.
     try:
+        learner = build_learner(
+            plan,
+            device,
+            buffer,
+            replicas.publish if replicas else None,
+            log_metrics=log_metrics,
+            while_waiting=replicas.resync if replicas else lambda: None,
+        )
+        if learner.resume():
+            learner.publish_current()
+
+        if server is not None:
+            if info.is_main:
+                learner_pb2_grpc.add_LearnerServiceServicer_to_server(
+                    LearnerServicer(learner), server
+                )
+            add_health_and_reflection(server, [LEARNER_SERVICE] if info.is_main else [])
+            server.start()
+
+        stop = threading.Event()
+
+        def on_signal(signum, _frame) -> None:
+            log.info("%s: stopping after the current phase", signal.Signals(signum).name)
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
         try:
             learner.run(stop.is_set, print_line=lambda line: print(line, flush=True))
         except SegmentTimeout as e:

@@ -508,14 +508,18 @@ class _CountingPolicy:
     """The tiny policy with its forwards counted (what the recompute costs)."""
 
     def __init__(self, policy) -> None:
-        self.policy, self.forwards = policy, 0
+        self.policy, self.calls = policy, {"evaluate_actions": 0, "forward_actions": 0}
+
+    @property
+    def forwards(self) -> int:
+        return sum(self.calls.values())
 
     def __getattr__(self, name):
         attr = getattr(self.policy, name)
-        if name in ("evaluate_actions", "forward_actions"):
+        if name in self.calls:
 
             def counted(*args, **kwargs):
-                self.forwards += 1
+                self.calls[name] += 1
                 return attr(*args, **kwargs)
 
             return counted
@@ -540,9 +544,12 @@ def test_without_the_recompute_the_rollouts_logprobs_are_the_old_ones(prompts_of
     assert not torch.allclose(recomputed.old_logprobs, recomputed.behaviour_logprobs)
 
     gae_seg = stack_segments([make_segment(i, rewards=[0.0, 1.0, 0.0, 1.0]) for i in range(2)])
+    counting = _CountingPolicy(policy)
     gae, _ = build_train_batch(
-        policy, prompts_of, gae_seg, AdvantageConfig("gae"), 1.0, 4, recompute_logprobs=False
+        counting, prompts_of, gae_seg, AdvantageConfig("gae"), 1.0, 4, recompute_logprobs=False
     )
+    # Values only (decisions and bootstrap): no forward scores the sampled tokens.
+    assert counting.calls == {"evaluate_actions": 0, "forward_actions": 3}
     full, _ = build_train_batch(policy, prompts_of, gae_seg, AdvantageConfig("gae"), 1.0, 4)
     assert torch.equal(gae.old_logprobs, gae.behaviour_logprobs)
     assert torch.allclose(gae.old_values, full.old_values, atol=1e-6)

@@ -139,6 +139,7 @@ class TrainBatch:
     # old_logprobs are the learner's recompute under the weights before the update: with
     # on-policy data they equal the behaviour policy's (up to engine numerics); with stale data
     # they are the proximal policy of decoupled PPO and behaviour_logprobs correct for the gap.
+    # With algorithm.recompute_logprobs false (on-policy only) they are the behaviour's.
 
     def __len__(self) -> int:
         return self.action_tokens.shape[0]
