@@ -118,6 +118,19 @@ def phase_base(args: argparse.Namespace) -> None:
     print(f"[rl_gain] base = bc {best['bc_steps']} steps; wrote {out / 'rl_gain_base.json'}")
 
 
+def train_overrides(args: argparse.Namespace, runs: Path, name: str) -> list[str]:
+    """The `vla-rl train` overrides of phase rl; --set ones come last, so they win."""
+    setup = setup_of(args)
+    return [*model_overrides(setup, args.base), *env_overrides(args),
+            *rl_overrides(setup, args.algorithm, args.group_size, args.lr, args.update_epochs,
+                          args.mini_batches, args.micro_batch, args.temperature, args.value_coef,
+                          args.reward_scale, args.max_staleness),
+            f"runner.logger.log_path={runs}", f"runner.logger.experiment_name={name}",
+            f"runner.max_epochs={args.iterations}", f"runner.val_check_interval={args.eval_every}",
+            f"runner.save_interval={args.save_every}", f"runner.seed={args.seed}",
+            *args.set]  # fmt: skip
+
+
 def phase_rl(args: argparse.Namespace) -> None:
     out = Path(args.out)
     name = f"{args.algorithm}_{args.model}"
@@ -125,14 +138,7 @@ def phase_rl(args: argparse.Namespace) -> None:
     run_dir = runs / name
     if not args.resume:
         shutil.rmtree(run_dir, ignore_errors=True)
-    setup = setup_of(args)
-    cmd = ["train", *model_overrides(setup, args.base), *env_overrides(args),
-           *rl_overrides(setup, args.algorithm, args.group_size, args.lr, args.update_epochs,
-                         args.mini_batches, args.micro_batch, args.temperature, args.value_coef, args.reward_scale,
-                         args.max_staleness),
-           f"runner.logger.log_path={runs}", f"runner.logger.experiment_name={name}",
-           f"runner.max_epochs={args.iterations}", f"runner.val_check_interval={args.eval_every}",
-           f"runner.save_interval={args.save_every}", f"runner.seed={args.seed}"]  # fmt: skip
+    cmd = ["train", *train_overrides(args, runs, name)]
     t0 = time.monotonic()
     run_cli(*cmd, log=out / f"{name}_train.log", deadline_s=args.minutes * 60)
     train_s = time.monotonic() - t0
@@ -229,6 +235,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="PPO: rewards x this before GAE (algorithm.reward_scale)")  # fmt: skip
     p.add_argument("--max-staleness", type=int, default=0,
                    help="collection runs up to this many versions ahead (algorithm.max_staleness)")  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="rl: one more `vla-rl train` override, given last so it wins (repeatable), "
+                        "e.g. --set algorithm.logprob_type=token_level")  # fmt: skip
     args = p.parse_args(argv)
     if args.phase == "rl" and not args.base:
         p.error("rl needs --base")

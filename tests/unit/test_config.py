@@ -433,3 +433,24 @@ def test_the_experiment_flags_make_a_config_that_loads(algorithm):
     cfg = load_config(None, overrides)
     assert cfg.algorithm.max_staleness == 1
     assert cfg.algorithm.adv_type == ("grpo" if algorithm == "grpo" else "gae")
+
+
+def test_rl_gain_set_overrides_land_last(tmp_path):
+    """benchmarks/rl_gain.py's --set passes any train key through (a GPU run's one-off setting,
+    e.g. GRPO without the learner's recompute) and wins over the flags' own overrides; a bad key
+    still fails at load, before any minutes go into a run."""
+    from benchmarks.rl_gain import parse_args, train_overrides
+
+    args = parse_args(["rl", "--base", "/tmp/base", "--model", "openvlaoft", "--algorithm", "grpo",
+                       "--group-size", "8", "--envs", "8", "--envs-per-server", "8",
+                       "--set", "algorithm.recompute_logprobs=false",
+                       "--set", "actor.optim.lr=0.002"])  # fmt: skip
+    overrides = train_overrides(args, tmp_path / "runs", "grpo_openvlaoft")
+    assert overrides[-2:] == ["algorithm.recompute_logprobs=false", "actor.optim.lr=0.002"]
+    cfg = load_config(None, overrides)
+    assert cfg.algorithm.recompute_logprobs is False
+    assert cfg.actor.optim.lr == 0.002  # --lr's default (1e-4) came earlier and lost
+    assert cfg.algorithm.group_size == 8 and cfg.env.train.total_num_envs == 64
+    bad = parse_args(["rl", "--base", "/tmp/base", "--set", "algorithm.no_such_key=1"])
+    with pytest.raises(ConfigError, match="no_such_key"):
+        load_config(None, train_overrides(bad, tmp_path / "runs", "ppo_openvla"))
