@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# Issue 9's base -> PPO and GRPO table in one job on a machine with two GPUs (the lent
-# nvidia-h100-x2 / nvidia-h200-x2: 32 cores, so each arm gets the 16 cores one arm had alone):
+# Issue 9's base -> PPO and GRPO table in one job (measured on the lent nvidia-h200-x2, 32 cores):
 #   1. the base on GPU 0 (noise-0.3 expert demos -> BC 800 steps -> its table on every split),
-#   2. PPO on GPU 0 and GRPO (groups of 8 from one start) on GPU 1 side by side from that base,
-#      each stopped after $MINUTES of training,
+#   2. PPO and GRPO (groups of 8 from one start) side by side from that base, 32 envs each, on
+#      GPU $PPO_GPU and GPU $GRPO_GPU, each stopped after $MINUTES of training,
 #   3. each arm's table on the same fixed starts as the base's (rl_gain.py rl does it).
+# Both arms on one H200 (the default, what was measured) used 59 GB; 64 envs per arm on one GPU
+# (128 ManiSkill renderers) ran SAPIEN out of GPU memory. GRPO_GPU=1 puts GRPO on the second GPU
+# (the launcher maps placement index 0 to the CUDA_VISIBLE_DEVICES it is given).
 # Run it from the repository root with ManiSkill installed (benchmarks/README.md says how on a lent
 # machine); it writes $W/{base,ppo,grpo}.log and everything rl_gain.py writes under $W/out, and
 # touches $W/done at the end. Extra rl_gain.py flags for both arms: RL_ARGS.
 set -u
 W=${W:-/tmp/rg}
-MINUTES=${MINUTES:-14}
+MINUTES=${MINUTES:-9}
 LR=${LR:-1e-3}
+PPO_GPU=${PPO_GPU:-0}
+GRPO_GPU=${GRPO_GPU:-0}
 mkdir -p "$W"
 A=(--model openvlaoft --chunk 5 --work "$W" --out "$W/out" --eval-episodes 200)
 # shellcheck disable=SC2206  # RL_ARGS is a flag list
@@ -20,14 +24,14 @@ RL=(--base "$W/out/base" --lr "$LR" --update-epochs 2 --ignore-terminations --re
 CUDA_VISIBLE_DEVICES=0 python3 benchmarks/rl_gain.py base "${A[@]}" --demos 100 --demo-noise 0.3 \
     --bc-steps 800 --select-episodes 8 --target-base 0.35 >"$W/base.log" 2>&1 || {
     echo "base failed" >"$W/done"; exit 1; }
-# PPO: 16 env servers x 4 envs, returns of order 1 (rewards x 0.02) so the critic does not swamp
+# PPO: 16 env servers x 2 envs, returns of order 1 (rewards x 0.02) so the critic does not swamp
 # the shared LoRA's gradient.
-CUDA_VISIBLE_DEVICES=0 python3 benchmarks/rl_gain.py rl "${A[@]}" "${RL[@]}" --algorithm ppo \
-    --envs 16 --envs-per-server 4 --reward-scale 0.02 >"$W/ppo.log" 2>&1 &
-# GRPO: 8 env servers x 8 envs, each server's 8 envs one group from one start; no critic, and the
+CUDA_VISIBLE_DEVICES=$PPO_GPU python3 benchmarks/rl_gain.py rl "${A[@]}" "${RL[@]}" \
+    --algorithm ppo --envs 16 --envs-per-server 2 --reward-scale 0.02 >"$W/ppo.log" 2>&1 &
+# GRPO: 4 env servers x 8 envs, each server's 8 envs one group from one start; no critic, and the
 # rollout's log-probs serve as the old ones (no recompute forward in the learner).
-CUDA_VISIBLE_DEVICES=1 python3 benchmarks/rl_gain.py rl "${A[@]}" "${RL[@]}" --algorithm grpo \
-    --group-size 8 --envs 8 --envs-per-server 8 --set algorithm.recompute_logprobs=false \
-    >"$W/grpo.log" 2>&1 &
+CUDA_VISIBLE_DEVICES=$GRPO_GPU python3 benchmarks/rl_gain.py rl "${A[@]}" "${RL[@]}" \
+    --algorithm grpo --group-size 8 --envs 4 --envs-per-server 8 \
+    --set algorithm.recompute_logprobs=false >"$W/grpo.log" 2>&1 &
 wait
 echo ok >"$W/done"

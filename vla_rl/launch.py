@@ -93,6 +93,25 @@ class Child:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path else ""
 
 
+def child_visible_devices(gpus: list[int] | str, ours: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES for a child given its placement's GPU indices. The indices count the
+    GPUs this process sees (torch.cuda.device_count() sized the placement), so under
+    `CUDA_VISIBLE_DEVICES=2,3 vla-rl train` index 0 is GPU 2, as in torch and Ray; passing the
+    index on unchanged would put the child on GPU 0, outside what the user gave the run."""
+    if gpus == "cpu":
+        return ""
+    if ours is None:
+        return ",".join(map(str, gpus))
+    visible = [d.strip() for d in ours.split(",") if d.strip()]
+    missing = [i for i in gpus if i >= len(visible)]
+    if missing:
+        raise ValueError(
+            f"GPU index {missing[0]} is not among the {len(visible)} GPU(s) of "
+            f"CUDA_VISIBLE_DEVICES={ours}"
+        )
+    return ",".join(visible[i] for i in gpus)
+
+
 @dataclass
 class Launch:
     """The processes of one run, stopped in reverse start order."""
@@ -125,7 +144,9 @@ class Launch:
         target: str = "",
     ) -> Child:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.child_env)
-        env["CUDA_VISIBLE_DEVICES"] = "" if gpus == "cpu" else ",".join(map(str, gpus))
+        env["CUDA_VISIBLE_DEVICES"] = child_visible_devices(
+            gpus, os.environ.get("CUDA_VISIBLE_DEVICES")
+        )
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
         )

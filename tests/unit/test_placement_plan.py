@@ -6,11 +6,12 @@ runs one process per actor GPU under torchrun. Nothing here assumes 4 GPUs."""
 from __future__ import annotations
 
 import itertools
+import sys
 
 import pytest
 
 from vla_rl.config import load_config
-from vla_rl.launch import idle_gpus, launch_plan
+from vla_rl.launch import Launch, child_visible_devices, idle_gpus, launch_plan
 
 
 def placements(n: int) -> dict[str, str]:
@@ -86,3 +87,29 @@ def test_gpus_that_no_process_gets_are_named():
         "env is placed on GPUs [0, 1] but env.train.num_servers is 1: GPU(s) [1] get no env "
         "process",
     ]
+
+
+def test_placement_indices_count_the_gpus_the_run_was_given():
+    """`CUDA_VISIBLE_DEVICES=1 vla-rl train` sizes its placement from the one GPU it sees, so
+    placement index 0 must reach the child as GPU 1. Before this, the child got "0" and ran on a
+    GPU outside what the user gave the run: two runs started side by side on a 2-GPU machine
+    (GPU 0 and GPU 1) both landed on GPU 0 and ran ManiSkill's renderer out of memory."""
+    assert child_visible_devices([0], "1") == "1"
+    assert child_visible_devices([0, 1], "2,3") == "2,3"
+    assert child_visible_devices([1], " 4 , 6 ") == "6"
+    assert child_visible_devices([0], "GPU-4ae5dd9a") == "GPU-4ae5dd9a"  # UUIDs pass as given
+    assert child_visible_devices([0, 2], None) == "0,2"  # nothing set: the indices are the GPUs
+    assert child_visible_devices("cpu", "1") == ""
+    with pytest.raises(ValueError, match="GPU index 1 .* 1 GPU"):
+        child_visible_devices([1], "5")
+    with pytest.raises(ValueError, match="GPU index 0"):
+        child_visible_devices([0], "")  # the run was given no GPU
+
+
+def test_a_started_child_sees_the_mapped_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    launch = Launch(tmp_path)
+    show = [sys.executable, "-c", "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"]
+    child = launch.start("probe", show, gpus=[1])
+    assert child.proc.wait(timeout=60) == 0
+    assert child.log_tail().strip() == "5"
