@@ -92,7 +92,9 @@ def phase_base(args: argparse.Namespace) -> None:
         cmd = ["bc", "--demos", str(demos), "--out", str(ckpt), "--steps", str(steps - done),
                "--batch-size", str(args.bc_batch), "--lr", str(args.bc_lr),
                "--device", args.device, "--seed", str(args.seed)]  # fmt: skip
-        cmd += ["--init", str(previous)] if previous else ["--model", args.model]
+        cmd += (
+            ["--init", str(previous)] if previous else ["--model", args.model, "--size", args.size]
+        )
         if args.model == "openvlaoft":
             cmd += ["--chunk", str(args.chunk)]
         if run_cli(*cmd, log=work / f"bc_{steps}.log") != 0:
@@ -187,6 +189,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", default="PushCube-v1")
     p.add_argument("--model", choices=["openvla", "openvlaoft"], default="openvla")
     p.add_argument("--chunk", type=int, default=5, help="OFT chunk (divides --episode-steps)")
+    p.add_argument("--size", choices=["small", "tiny"], default="tiny",
+                   help="base: the BC model's size (vla-rl bc --size)")  # fmt: skip
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--episode-steps", type=int, default=50)

@@ -161,6 +161,10 @@ def _collect_demos(args: argparse.Namespace, rest: list[str]) -> int:
     return subprocess.call(cmd, cwd=REPO_ROOT)
 
 
+# vla_rl.models.MODEL_SIZES, not imported here (it pulls in torch); a test keeps the two equal.
+BC_SIZES = ("small", "tiny")
+
+
 def _bc(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -174,14 +178,18 @@ def _bc(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
     )
+    if args.init and args.size:
+        print("vla-rl bc: --size sizes the random start; --init gives the model", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
         init = args.init
-        if init is None:  # a tiny random OpenVLA-architecture model, as the embedded default uses
-            from vla_rl.models import tiny_config
+        if init is None:  # a random OpenVLA-architecture model of --size
+            from vla_rl.models import sized_config
             from vla_rl.models.tiny import write_tiny_checkpoint
 
             parallel = args.model == "openvlaoft"
-            config = tiny_config(
+            config = sized_config(
+                args.size or "tiny",
                 decoding="parallel" if parallel else "autoregressive",
                 action_chunk=args.chunk if parallel else 1,
             )
@@ -248,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="checkpoint to start from (default: a tiny random one, see --model)")  # fmt: skip
     bc.add_argument("--model", choices=["openvla", "openvlaoft"], default="openvla")
     bc.add_argument("--chunk", type=int, default=8, help="OFT action chunk length")
+    bc.add_argument("--size", choices=BC_SIZES, default=None,
+                    help="the random start's size (default tiny; not with --init): tiny 4.4M "
+                         "parameters for a CPU, small 25M for one GPU")  # fmt: skip
     bc.add_argument("--steps", type=int, default=300)
     bc.add_argument("--batch-size", type=int, default=16)
     bc.add_argument("--lr", type=float, default=3e-4)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from vla_rl.cli import main
+from vla_rl.cli import BC_SIZES, main
 from vla_rl.demos import FORMAT, VERSION, episode_file, load_demos
 from vla_rl.models import PromptTokenizer, load_policy, load_tokenizer
 from vla_rl.training.bc import load_steps, token_accuracy
@@ -78,3 +78,30 @@ def test_oft_decisions_group_consecutive_steps(tmp_path, chunk):
     assert steps.action_tokens.shape == (-(-5 // chunk), 7 * chunk)
     last = steps.action_tokens[-1].reshape(chunk, 7)
     assert (last == last[0]).all()  # padded by repeating the final action
+
+
+def test_bc_sizes_its_random_start(tmp_path, capsys):
+    """`vla-rl bc --size small` clones into the one-GPU size (same class, towers and action
+    tokens, wider and deeper); the CLI's choices are the model package's sizes; --size next to
+    --init (which brings its own model) is refused rather than ignored."""
+    from vla_rl.models import MODEL_SIZES
+
+    demos = tmp_path / "demos"
+    write_demos(demos, episodes=1, length=2)
+    out = tmp_path / "small"
+    argv = ["bc", "--demos", str(demos), "--out", str(out), "--steps", "1", "--batch-size", "2",
+            "--size", "small", "--model", "openvlaoft", "--chunk", "2"]  # fmt: skip
+    assert main(argv) == 0
+    policy = load_policy(out)
+    params = sum(p.numel() for p in policy.parameters())
+    assert 24e6 < params < 27e6, params
+    assert policy.config.text_config["num_hidden_layers"] == 4
+    assert policy.config.timm_overrides[0]["embed_dim"] == 192
+    assert policy.config.action_chunk == 2
+    assert set(BC_SIZES) == set(MODEL_SIZES)
+    capsys.readouterr()
+    again = ["bc", "--demos", str(demos), "--out", str(tmp_path / "x"), "--init", str(out),
+             "--size", "small"]  # fmt: skip
+    assert main(again) == 2
+    assert "--size sizes the random start" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

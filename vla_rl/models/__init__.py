@@ -5,7 +5,7 @@ Does no I/O beyond checkpoint files and imports no service.
 
 from .action_tokenizer import ActionNormalizer, ActionTokenizer, build_prompt
 from .checkpoint import CheckpointError, load_policy, load_tokenizer, read_config, save_policy
-from .config import VLAConfig, default_norm_stats, tiny_config
+from .config import MODEL_SIZES, VLAConfig, default_norm_stats, sized_config, tiny_config
 from .openvla import (
     OpenVLAPolicy,
     PolicyOutput,
@@ -18,6 +18,7 @@ from .openvla import (
 from .processor import PromptTokenizer
 
 __all__ = [
+    "MODEL_SIZES",
     "ActionNormalizer",
     "ActionTokenizer",
     "CheckpointError",
@@ -36,5 +37,6 @@ __all__ = [
     "read_config",
     "sample_action_tokens",
     "save_policy",
+    "sized_config",
     "tiny_config",
 ]
