@@ -62,12 +62,31 @@ def eval_table(
     adapter: str | None,
     splits: str | None = None,
     episodes: int | None = None,
+    temperature: float = 0.0,
 ) -> dict:
     """`vla-rl eval` on `splits` (default --splits), `episodes` per split (default
-    --eval-episodes); returns eval_table.json."""
+    --eval-episodes), greedy unless `temperature` > 0; returns eval_table.json."""
     return _eval_table(
-        setup_of(args), base, out, adapter, splits or args.splits, episodes or args.eval_episodes
+        setup_of(args),
+        base,
+        out,
+        adapter,
+        splits or args.splits,
+        episodes or args.eval_episodes,
+        temperature,
     )
+
+
+def sampled_table(
+    args: argparse.Namespace, base: str, out: Path, adapter: str | None
+) -> dict | None:
+    """The table of the policy RL trains, actions sampled at the training --temperature, on
+    --sampled-splits (none: skipped). The greedy table plays each token's argmax, which RL at
+    temperature 1 need not improve: at lr 1e-3 both PPO and GRPO lost greedy success while
+    their sampled success held or rose (benchmarks/README.md)."""
+    if not args.sampled_splits:
+        return None
+    return eval_table(args, base, out, adapter, args.sampled_splits, None, args.temperature)
 
 
 def train_success(table: dict) -> float:
@@ -114,8 +133,9 @@ def phase_base(args: argparse.Namespace) -> None:
     shutil.rmtree(base, ignore_errors=True)
     shutil.copytree(best["checkpoint"], base)
     table = eval_table(args, str(base), out / "base_table", None)
+    sampled = sampled_table(args, str(base), out / "base_sampled_table", None)
     result = {"phase": "base", "args": vars(args), "candidates": candidates, "chosen": best,
-              "table": table, **machine()}  # fmt: skip
+              "table": table, "sampled_table": sampled, **machine()}  # fmt: skip
     (out / "rl_gain_base.json").write_text(json.dumps(result, indent=2))
     print(f"[rl_gain] base = bc {best['bc_steps']} steps; wrote {out / 'rl_gain_base.json'}")
 
@@ -150,17 +170,16 @@ def phase_rl(args: argparse.Namespace) -> None:
     env_steps_per_iteration = args.envs * args.envs_per_server * args.episode_steps
     curve = plot_learning_curve(run_dir, env_steps_per_iteration, title=name)
     shutil.copy(curve, out / f"{name}_learning_curve.png")
-    table = (
-        None
-        if args.no_table
-        else eval_table(args, args.base, out / f"{name}_table", str(checkpoint))
-    )
+    table = sampled = None
+    if not args.no_table:
+        table = eval_table(args, args.base, out / f"{name}_table", str(checkpoint))
+        sampled = sampled_table(args, args.base, out / f"{name}_sampled_table", str(checkpoint))
     periodic = {
         p.stem: json.loads(p.read_text()) for p in sorted((run_dir / "eval").glob("step_*.json"))
     }
     result = {"phase": "rl", "args": vars(args), "train_wall_s": train_s,
               "checkpoint": checkpoint.name, "iterations": int(checkpoint.name.split("_")[-1]),
-              "table": table, "periodic_eval": {k: _eval_rate(v) for k, v in periodic.items()},
+              "table": table, "sampled_table": sampled, "periodic_eval": {k: _eval_rate(v) for k, v in periodic.items()},
               **machine()}  # fmt: skip
     (out / f"rl_gain_{name}.json").write_text(json.dumps(result, indent=2))
     shutil.copytree(run_dir / "tensorboard", out / f"{name}_tensorboard", dirs_exist_ok=True)
@@ -203,6 +222,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reward-mode", choices=["normalized_dense", "dense", "sparse"],
                    default="normalized_dense", help="training reward (sparse: success)")  # fmt: skip
     p.add_argument("--eval-episodes", type=int, default=200, help="per split (+-7 points)")
+    p.add_argument("--sampled-splits", default="train",
+                   help="also a table with actions sampled at --temperature on these splits "
+                        "('' for none)")  # fmt: skip
     # base
     p.add_argument("--demos", type=int, default=100)
     p.add_argument("--demo-noise", type=float, default=0.0,

@@ -148,6 +148,9 @@ def _run(
         label = "base"
         if adapter:
             label = _push_adapter(Path(adapter), rollout_targets, RolloutClient)
+        temperature = cfg.rollout.sampling_params.temperature_eval
+        if temperature > 0:  # a sampled table must not pass for a greedy one
+            label += f" (sampled, T={temperature:g})"
         results: dict[str, EvalResult] = {}
         count = episodes or cfg.env.eval.total_num_envs
         video_root = (
@@ -171,6 +174,7 @@ def _run(
             json.dumps(
                 {
                     "label": label,
+                    "temperature": temperature,
                     "rows": rows,
                     "episodes": {k: r.episodes for k, r in results.items()},
                 },

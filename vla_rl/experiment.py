@@ -148,13 +148,22 @@ def env_overrides(s: Setup) -> list[str]:
 
 
 def eval_table(
-    s: Setup, base: str, out: Path, adapter: str | None, splits: str, episodes: int
+    s: Setup,
+    base: str,
+    out: Path,
+    adapter: str | None,
+    splits: str,
+    episodes: int,
+    temperature: float = 0.0,
 ) -> dict:
-    """`vla-rl eval` of `base` (with `adapter`) on `splits`; returns eval_table.json."""
+    """`vla-rl eval` of `base` (with `adapter`) on `splits`; returns eval_table.json. The
+    actions are greedy unless `temperature` > 0 (then sampled, as training samples them)."""
     cmd = ["eval", "--splits", splits, "--episodes", str(episodes), "--out", str(out)]
     if adapter:
         cmd += ["--adapter", adapter]
     cmd += model_overrides(s, base) + env_overrides(s)
+    if temperature > 0:
+        cmd += [f"rollout.sampling_params.temperature_eval={temperature}"]
     cmd += [
         f"runner.logger.log_path={s.work}/eval_runs",
         f"runner.logger.experiment_name={out.name}",

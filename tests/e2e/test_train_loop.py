@@ -134,19 +134,21 @@ def test_ppo_two_iterations_torch_engine(tmp_path):
         frames += 1
     assert frames == episodes[0]["episode_len"] + 1  # the reset frame and one per step
 
-    # `vla-rl eval` of the trained adapter on the same base: the table names the adapter.
+    # `vla-rl eval` of the trained adapter on the same base: the table names the adapter, and
+    # says its actions were sampled (the greedy tables are test_warm_start's).
     out = tmp_path / "eval_table"
     proc = subprocess.run(
         [sys.executable, "-m", "vla_rl.cli", "eval", "--adapter",
          str(run_dir / "checkpoints" / "global_step_2"), "--splits", "train,semantic",
          "--episodes", "2",
          "--out", str(out), f"actor.model.model_path={run_dir / 'tiny_model'}",
-         "env.eval.max_steps_per_rollout_epoch=2"],
+         "env.eval.max_steps_per_rollout_epoch=2", "rollout.sampling_params.temperature_eval=1"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     table = json.loads((out / "eval_table.json").read_text())
-    assert table["label"] == "adapter v2" and table["rows"]["train"]["episodes"] == 2
+    assert table["label"] == "adapter v2 (sampled, T=1)" and table["temperature"] == 1.0
+    assert table["rows"]["train"]["episodes"] == 2
     assert table["rows"]["semantic"]["episodes"] == 2 and "ood_average" in table["rows"]
     assert [e["task_id"] for e in table["episodes"]["semantic"]] == [
         "PickCube-v1-semantic-colour",
