@@ -43,7 +43,10 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends libvulkan1 mesa-vulkan-drivers libgl1 \
         libglib2.0-0 \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --create-home --uid 10001 vla
+    && useradd --create-home --uid 10001 vla \
+    && mkdir -p /runs && chown 10001:10001 /runs
+# /runs exists and is the service user's: a named volume first mounted there copies this
+# directory's owner, where a path missing from the image would come up root's, unwritable.
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /src /opt/vla-rl
 ENV PATH=/opt/venv/bin:$PATH \

@@ -75,3 +75,53 @@ def test_the_build_context_leaves_out_local_state():
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".git", ".venv", "runs", "checkpoints"} <= set(ignored)
     assert shlex.split(_instruction("COPY")[0])  # the copies parse
+
+
+def _writable_named_volume_targets() -> set[str]:
+    """Where docker-compose.yml mounts a named volume read-write into a vla-rl image."""
+    import yaml
+
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    targets = set()
+    for service in services.values():
+        if not str(service.get("image", "")).startswith("vla-rl:"):
+            continue
+        for volume in service.get("volumes", []):
+            source, target, *mode = volume.split(":")
+            if not source.startswith((".", "/")) and mode != ["ro"]:
+                targets.add(target)
+    return targets
+
+
+def test_every_writable_volume_path_exists_in_the_image_owned_by_its_user():
+    """A named volume first mounted at a path the image lacks comes up owned by root, and the
+    services (user 10001) could not write their checkpoints or logs there."""
+    targets = _writable_named_volume_targets()
+    assert "/runs" in targets
+    user = _instruction("USER")[-1]
+    runs = " ".join(_instruction("RUN"))
+    for target in targets:
+        assert re.search(rf"mkdir -p [^&]*{re.escape(target)}(\s|$)", runs), target
+        assert re.search(rf"chown {user}:{user} [^&]*{re.escape(target)}(\s|$)", runs), target
+
+
+def test_the_secrets_script_makes_files_the_container_user_can_read(tmp_path):
+    """compose mounts file secrets as they are on the host (owner and mode kept), so a 0600 file
+    of the host user is unreadable to the image's user 10001. The files are world-readable and
+    the directory, which the container never sees, keeps other host users out; a second run
+    keeps the values and fixes the modes of files an older script wrote."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / "scripts" / "compose_secrets.sh", tmp_path / "scripts")
+    run = ["bash", str(tmp_path / "scripts" / "compose_secrets.sh")]
+    subprocess.run(run, check=True, capture_output=True)
+    secrets = tmp_path / "secrets"
+    assert secrets.stat().st_mode & 0o777 == 0o700
+    files = sorted(secrets.glob("*.txt"))
+    assert [f.name for f in files] == ["redis_password.txt", "vla_rl_token.txt"]
+    values = [f.read_text() for f in files]
+    assert all(len(v.strip()) == 64 for v in values) and values[0] != values[1]
+    assert all(f.stat().st_mode & 0o777 == 0o444 for f in files)
+    files[0].chmod(0o600)  # as the old script left them
+    subprocess.run(run, check=True, capture_output=True)
+    assert [f.read_text() for f in files] == values
+    assert all(f.stat().st_mode & 0o777 == 0o444 for f in files)
