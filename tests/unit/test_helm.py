@@ -127,3 +127,70 @@ def test_the_run_config_and_every_command_are_ones_vla_rl_reads(example, tmp_pat
 def test_the_schema_refuses_bad_values(bad):
     with pytest.raises(Exception, match="vla-rl"):
         helm.Chart.load(str(CHART)).validate_schema(bad)
+
+
+PROMETHEUS = shutil.which("prometheus")
+# A ServiceMonitor relabeling's keys (prometheus-operator's camelCase) as Prometheus's own.
+RELABEL_KEYS = {"sourceLabels": "source_labels", "targetLabel": "target_label",
+                "replacement": "replacement", "regex": "regex", "action": "action",
+                "separator": "separator"}  # fmt: skip
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed")
+def test_the_service_monitor_gives_the_labels_the_alerts_select(tmp_path):
+    """Under a ServiceMonitor the job label would be the Service's name (run-vla-rl-env) and
+    there would be no instance_name, so `up{job=~"vla-rl-.*"} == 0` (VlaRlServiceDown) could
+    never fire and the dashboards' legends would be empty. The chart's relabelings, run by a real
+    Prometheus on a target labelled as Kubernetes service discovery labels a pod, must give
+    job vla-rl-env and instance_name = the pod's name. (The operator itself is not run here.)"""
+    import json
+    import time
+    import urllib.parse
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+    from vla_rl.launch import free_port
+
+    (monitor,) = [d for d in _render({"metrics": {"serviceMonitor": True}})
+                  if d["kind"] == "ServiceMonitor"]  # fmt: skip
+    (endpoint,) = monitor["spec"]["endpoints"]
+    relabel = [{RELABEL_KEYS[k]: v for k, v in r.items()} for r in endpoint["relabelings"]]
+    registry = CollectorRegistry()
+    Counter("vla_rl_env_steps", "stands in for an env server pod", registry=registry).inc()
+    target_port, port = free_port(), free_port()
+    server, _ = start_http_server(target_port, addr="127.0.0.1", registry=registry)
+    pod = {"__meta_kubernetes_pod_label_app_kubernetes_io_component": "env",
+           "__meta_kubernetes_pod_name": "run-vla-rl-env-0"}  # fmt: skip
+    config = {"global": {"scrape_interval": "1s"},
+              "scrape_configs": [{"job_name": "run-vla-rl-env", "relabel_configs": relabel,
+                                  "static_configs": [{"targets": [f"127.0.0.1:{target_port}"],
+                                                      "labels": pod}]}]}  # fmt: skip
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    prometheus = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    alerts = yaml.safe_load((REPO / "deploy" / "prometheus" / "alerts.yml").read_text())
+    (down,) = [r for g in alerts["groups"] for r in g["rules"] if r["alert"] == "VlaRlServiceDown"]
+    selector = down["expr"].split("==")[0].strip()  # up{job=~"vla-rl-.*"}
+    try:
+        deadline, found = time.monotonic() + 60, []
+        while time.monotonic() < deadline and not found:
+            time.sleep(1)
+            url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode(
+                {"query": selector}
+            )
+            try:
+                found = json.loads(urllib.request.urlopen(url, timeout=5).read())["data"]["result"]
+            except OSError:
+                found = []
+        assert [s["metric"] for s in found] == [
+            {"__name__": "up", "job": "vla-rl-env", "instance_name": "run-vla-rl-env-0",
+             "instance": f"127.0.0.1:{target_port}"}
+        ]  # fmt: skip
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=30)
+        server.shutdown()
