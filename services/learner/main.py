@@ -232,18 +232,34 @@ class Replicas:
         self.latest: tuple[bytes, int] | None = None
         self.resynced = 0
         self._lock = threading.Lock()  # set_targets comes from the discovery thread
+        # One replica check-and-push at a time: a new replica's catch-up (on the pool) and the
+        # learner's resync would otherwise push it the same version twice, and the second push
+        # is refused.
+        self._syncing = threading.Lock()
 
     def set_targets(self, targets: list[str]) -> None:
-        """The replicas now (Kubernetes discovery): new ones get the latest adapter at the next
-        resync, before they serve a stale policy for long; gone ones are closed."""
+        """The replicas now (Kubernetes discovery): gone ones are closed; new ones get the latest
+        adapter at once, on the pool, so that the discovery thread goes on watching and the
+        replica does not serve a stale policy until the learner next waits for segments."""
         with self._lock:
-            keep = [c for c in self.clients if c.target in targets]
-            for client in self.clients:
-                if client.target not in targets:
-                    client.close()
-            known = {c.target for c in keep}
-            self.clients = keep + [RolloutClient(t) for t in targets if t not in known]
+            gone = [c for c in self.clients if c.target not in targets]
+            known = {c.target for c in self.clients}
+            new = [RolloutClient(t) for t in targets if t not in known]
+            self.clients = [c for c in self.clients if c.target in targets] + new
+        for client in gone:
+            client.close()
+        for client in new:
+            self.pool.submit(self._catch_up, client)
         log.info("rollout replicas: %s", targets)
+
+    def _catch_up(self, client: RolloutClient) -> None:
+        """_resync for a replica that just appeared. A failure is logged here (the pool would
+        keep it unseen in a future nobody reads) and left to the learner's resync to retry."""
+        try:
+            self._resync(client)
+        except Exception as e:  # noqa: BLE001 - e.g. a newer publish got there first
+            log.warning("new replica %s not brought up to date (%s); resync retries",
+                        client.target, e)  # fmt: skip
 
     def _current(self) -> list[RolloutClient]:
         with self._lock:
@@ -277,18 +293,32 @@ class Replicas:
 
     def publish(self, blob: bytes, version: int) -> None:
         self.latest = (blob, version)
-        list(self.pool.map(lambda c: self._push_or_has(c, blob, version), self._current()))
+        list(self.pool.map(lambda c: self._publish_to(c, blob, version), self._current()))
+
+    def _publish_to(self, client: RolloutClient, blob: bytes, version: int) -> None:
+        """_push_or_has, except that a replica discovery removed meanwhile (its pod went away
+        and its client was closed mid-push) is no reason to stop training."""
+        try:
+            self._push_or_has(client, blob, version)
+        except (grpc.RpcError, ValueError):  # ValueError: grpc's "closed channel"
+            if client in self._current():
+                raise
+            log.info("replica %s left during the push of version %d", client.target, version)
 
     def resync(self) -> None:
         """Push the latest adapter to every replica that serves an older version."""
-        if self.latest is None:
-            return
-        blob, version = self.latest
         for client in self._current():
+            self._resync(client)
+
+    def _resync(self, client: RolloutClient) -> None:
+        with self._syncing:
+            if self.latest is None:
+                return
+            blob, version = self.latest
             try:
                 served = client.policy().policy_version
             except grpc.RpcError:
-                continue  # still down
+                return  # still down
             if served < version and self._push(client, blob, version):
                 self.resynced += 1
                 metrics.REPLICA_RESYNCS.inc()

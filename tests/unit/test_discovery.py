@@ -1,7 +1,8 @@
 """Rollout replica discovery from EndpointSlices, against a fake Kubernetes API server on
 loopback that speaks the real protocol (list, watch as a stream of JSON events, 410 Gone for a
 compacted resourceVersion) to the real `kubernetes` client: replicas that appear, become unready
-or go away are reported, and a 410 makes the watcher list again without losing changes."""
+or go away are reported, a 410 makes the watcher list again without losing changes, and the
+learner's Replicas push the current policy to a real rollout server as soon as it appears."""
 
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ class FakeAPIServer:
                         since = version
                 self.cond.wait(0.1)
 
-    def put(self, name: str, endpoints: list[tuple[str, bool | None]]) -> None:
+    def put(self, name: str, endpoints: list[tuple[str, bool | None]], port: int = 50051) -> None:
         with self.cond:
             self.version += 1
             kind = "MODIFIED" if name in self.slices else "ADDED"
@@ -101,7 +102,7 @@ class FakeAPIServer:
                 "addressType": "IPv4",
                 "endpoints": [{"addresses": [ip]} | ({} if ready is None else
                               {"conditions": {"ready": ready}}) for ip, ready in endpoints],
-                "ports": [{"name": "grpc", "port": 50051, "protocol": "TCP"}],
+                "ports": [{"name": "grpc", "port": port, "protocol": "TCP"}],
             }  # fmt: skip
             self.slices[name] = obj
             self.events.append((self.version, kind, obj))
@@ -190,3 +191,68 @@ def test_a_410_gone_lists_again_and_keeps_up(api_server):
         _expect(changes, ["10.0.0.1:50051", "10.0.0.5:50051", "10.0.2.9:50051"])
     finally:
         watcher.stop()
+
+
+def _wait_for(condition, what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        time.sleep(0.05)
+
+
+def test_a_replica_that_appears_gets_the_current_policy_without_a_resync(api_server, tmp_path):
+    """Issue 11: the learner publishes version 3 to the one replica there is; a second one
+    appears through an EndpointSlice event and serves version 3 before the learner's resync (it
+    runs only while the learner waits for segments) is ever called; when it goes, its client is
+    closed."""
+    from services.learner.main import Replicas
+    from tests.helpers.procs import ServiceProcess
+    from vla_rl.models import load_policy
+    from vla_rl.models.lora import LoRASettings, apply_lora, serialize_adapter
+    from vla_rl.models.tiny import write_tiny_checkpoint
+    from vla_rl.rpc.rollout_client import RolloutClient
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", seed=3)
+    servers = [
+        ServiceProcess("services.rollout_server.main",
+                       ["--checkpoint", str(ckpt), "--engine", "torch"], tmp_path, f"rollout{i}")
+        for i in range(2)
+    ]  # fmt: skip
+    replicas = Replicas([])
+    replicas.resync = lambda: pytest.fail("resync was called")  # only the new path may push
+    watcher = None
+    try:
+        first, second = servers
+        for server in servers:
+            server.wait_healthy()
+        api_server.put("a", [("127.0.0.1", True)], port=first.port)
+        watcher = EndpointSliceWatcher(_client(api_server.host), NAMESPACE, SERVICE,
+                                       replicas.set_targets, watch_timeout_s=2).start()  # fmt: skip
+        _wait_for(lambda: [c.target for c in replicas.clients] == [first.target], "first listed")
+
+        policy = load_policy(ckpt)
+        apply_lora(policy, LoRASettings(rank=4, alpha=8))
+        replicas.publish(serialize_adapter(policy, 3), 3)
+        probe = RolloutClient(second.target)
+        try:
+            assert replicas.clients[0].policy().policy_version == 3
+            assert probe.policy().policy_version == 0  # the base, before it is discovered
+
+            api_server.put("b", [("127.0.0.1", True)], port=second.port)  # appears, by watch
+            _wait_for(lambda: probe.policy().policy_version == 3, "the new replica at version 3")
+        finally:
+            probe.close()
+        assert replicas.resynced == 1
+        (client,) = [c for c in replicas.clients if c.target == second.target]
+
+        api_server.delete("b")
+        _wait_for(lambda: [c.target for c in replicas.clients] == [first.target], "b removed")
+        with pytest.raises(ValueError, match="closed channel"):
+            client.policy()
+    finally:
+        if watcher is not None:
+            watcher.stop()
+        replicas.close()
+        for server in servers:
+            assert server.stop() == 0, server.log()

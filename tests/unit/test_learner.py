@@ -501,6 +501,24 @@ def test_replicas_follow_discovered_targets_keeping_known_clients():
     replicas.close()
 
 
+def test_a_replica_removed_mid_publish_does_not_stop_the_learner():
+    """Discovery closes a gone pod's client; a push that was in flight to it then fails (closed
+    channel), which must not end training. The same failure on a replica still there does."""
+    from services.learner.main import Replicas
+
+    replicas = Replicas([])
+    replicas.set_targets(["127.0.0.1:9"])
+    (client,) = replicas.clients
+    replicas.set_targets([])  # the pod went away: its client is closed
+    replicas._publish_to(client, b"adapter", 1)  # no raise
+    replicas.set_targets(["127.0.0.1:9"])
+    (present,) = replicas.clients
+    present.close()  # a closed channel on a replica discovery still lists is a real error
+    with pytest.raises(ValueError):
+        replicas._publish_to(present, b"adapter", 1)
+    replicas.close()
+
+
 # ------------------------------------------------------------------- recompute_logprobs: false
 
 
