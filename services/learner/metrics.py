@@ -3,6 +3,8 @@ losses, the segments it dropped, and the trajectory buffer it reads."""
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from vla_rl.telemetry import LATENCY_BUCKETS, safely
@@ -37,11 +39,15 @@ SEGMENTS_DROPPED = Counter(
 )
 REPLICA_RESYNCS = Counter(
     "vla_rl_learner_replica_resyncs_total",
-    "Adapters re-pushed to a rollout replica that was behind (restarted)",
+    "Adapters re-pushed to a rollout replica that was behind (restarted or newly discovered)",
 )
 BUFFER_ENTRIES = Gauge("vla_rl_buffer_stream_entries", "Entries in the trajectory stream")
 BUFFER_PENDING = Gauge(
     "vla_rl_buffer_pending_entries", "Entries delivered to the learner and not yet acknowledged"
+)
+BUFFER_LAG = Gauge(
+    "vla_rl_buffer_consumer_lag",
+    "Entries in the trajectory stream not yet delivered to the learner's consumer group",
 )
 BUFFER_DEAD_LETTERS = Gauge("vla_rl_buffer_dead_letters", "Entries moved to the dead-letter stream")
 
@@ -72,6 +78,7 @@ class Exporter:
         """Read the buffer's sizes at scrape time."""
         BUFFER_ENTRIES.set_function(safely(buffer.length))
         BUFFER_PENDING.set_function(safely(buffer.pending))
+        BUFFER_LAG.set_function(safely(lambda: _or_nan(buffer.lag())))
         BUFFER_DEAD_LETTERS.set_function(safely(buffer.dead_letters))
 
     def log(self, values: dict[str, float], step: int) -> None:
@@ -98,3 +105,8 @@ class Exporter:
             if key in values and values[key] > self._dropped[key]:
                 SEGMENTS_DROPPED.labels(reason).inc(values[key] - self._dropped[key])
                 self._dropped[key] = values[key]
+
+
+def _or_nan(value: int | None) -> float:
+    """A count the backend could not give (None) is NaN on the gauge, not 0."""
+    return math.nan if value is None else float(value)

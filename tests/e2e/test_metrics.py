@@ -91,6 +91,9 @@ def test_every_service_is_scraped_by_a_real_prometheus(tmp_path):
         assert _value(learner, "vla_rl_learner_samples_total") >= 3 * 2 * 4
         assert _value(learner, "vla_rl_learner_phase_seconds_total", phase="update") > 0
         assert _value(learner, "vla_rl_buffer_stream_entries") >= 6
+        assert (
+            _value(learner, "vla_rl_buffer_consumer_lag") >= 0
+        )  # a count (NaN fails), exact in test_buffer
 
         port = free_port()
         prometheus = subprocess.Popen(
@@ -111,7 +114,7 @@ def test_every_service_is_scraped_by_a_real_prometheus(tmp_path):
             time.sleep(1)
         assert sorted(s["metric"]["instance_name"] for s in up) == ["env0", "learner", "rollout0"]
         rules = json.loads(_get(f"{base}/api/v1/rules"))["data"]["groups"]
-        assert sum(len(g["rules"]) for g in rules) == 7
+        assert sum(len(g["rules"]) for g in rules) == 8
         assert _query(base, "vla_rl_learner_iteration >= 3")
         # Every query of every Grafana dashboard returns data from the running services (rates
         # need two scrapes of 5 s in their window).

@@ -462,6 +462,23 @@ def test_trimming_never_loses_unacked_entries(backend):
     assert ids_of(restarted.take(10, 1.0)) == ["run-srv-7-0"]
 
 
+def test_lag_counts_what_the_group_has_not_been_handed(backend):
+    """Consumer lag (vla_rl_buffer_consumer_lag): written but not yet taken; trimming acked
+    entries below the group keeps it exact."""
+    buffer = backend.open(maxlen=2)
+    assert buffer.lag() == 0
+    for i in range(5):
+        buffer.put(make_segment(i))
+    assert buffer.lag() == 5 and buffer.pending() == 0
+    received = buffer.take(3, 1.0)
+    assert buffer.lag() == 2 and buffer.pending() == 3
+    buffer.ack([r.entry_id for r in received])
+    buffer.put(make_segment(5))  # over maxlen: the three acked entries are trimmed
+    assert buffer.length() == 3 and buffer.lag() == 3
+    buffer.take(10, 1.0)
+    assert buffer.lag() == 0
+
+
 def test_ack_of_unknown_entry_is_harmless(backend):
     buffer = backend.open()
     entry_id = buffer.put(make_segment(0))

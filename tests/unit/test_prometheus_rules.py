@@ -62,6 +62,13 @@ CASES = {
             ("30m", LEARNER, "Segments taken by the learner and not acknowledged keep growing"),
         ],
     ),
+    "VlaRlBufferLagGrowing": (
+        [_series("vla_rl_buffer_consumer_lag", LEARNER, "0x10 0+3x30")],
+        [
+            ("8m", None, ""),
+            ("30m", LEARNER, "Segments the learner has not read keep piling up in the buffer"),
+        ],
+    ),
     "VlaRlRolloutSlow": (
         _buckets(ROLLOUT, {"1": "0x20", "10": "0x20", "30": "0+10x20", "+Inf": "0+10x20"}),
         [("3m", None, ""), ("12m", {}, "p99 Act latency above 10 s")],
@@ -85,6 +92,7 @@ QUIET = [
     _series("vla_rl_env_steps_total", {**ENV0, "mode": "train"}, "0+10x30"),
     _series("vla_rl_learner_policy_version", LEARNER, "0+1x30"),
     _series("vla_rl_buffer_pending_entries", LEARNER, "0 4 0 4 0 4 0 4 0 4 0 4 0 4 0 4 0 4 0 4"),
+    _series("vla_rl_buffer_consumer_lag", LEARNER, "0 6 0 6 0 6 0 6 0 6 0 6 0 6 0 6 0 6 0 6"),
     _series("vla_rl_buffer_dead_letters", LEARNER, "0x30"),
     _series("vla_rl_env_collection_failures_total", ENV0, "0x30"),
     *_buckets(ROLLOUT, {"1": "0+10x30", "10": "0+10x30", "30": "0+10x30", "+Inf": "0+10x30"}),

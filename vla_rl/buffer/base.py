@@ -79,6 +79,12 @@ class TrajectoryBuffer(ABC):
         """Entries delivered to this consumer group and not yet acked (all its consumers)."""
 
     @abstractmethod
+    def lag(self) -> int | None:
+        """Entries added to the stream that this consumer group has not been handed yet: the
+        backlog the learner has not read (pending() counts what it read and has not acked).
+        None where the backend cannot tell (Redis after an XDEL inside the unread range)."""
+
+    @abstractmethod
     def length(self) -> int:
         """Entries stored in the stream, acked ones included until they are trimmed."""
 
@@ -200,6 +206,10 @@ class ConsumerGroupBuffer(TrajectoryBuffer):
         """For each segment id, whether it has been acked before."""
 
     @abstractmethod
+    def _lag(self) -> int | None:
+        """Entries after the group's last delivered one (None: unknown)."""
+
+    @abstractmethod
     def _ack_entries(self, entry_ids: list[str], segment_ids: list[str]) -> int:
         """Atomically ack the entries and record the segment ids as acked."""
 
@@ -216,6 +226,10 @@ class ConsumerGroupBuffer(TrajectoryBuffer):
     def pending(self) -> int:
         self._ensure_group()
         return self._pending_count()
+
+    def lag(self) -> int | None:
+        self._ensure_group()
+        return self._lag()
 
     def put(self, segment: Segment) -> str:
         data = encode_segment(segment)

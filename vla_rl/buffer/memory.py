@@ -204,6 +204,12 @@ class MemoryStreamStore:
         with self._cond:
             return len(self._stream(stream).ids)
 
+    def lag(self, stream: str, group: str) -> int:
+        """Entries after the group's last delivered one."""
+        with self._cond:
+            s = self._stream(stream)
+            return len(s.ids) - bisect.bisect_right(s.ids, self._group(s, group).last_delivered)
+
     def dead_letter_count(self, stream: str) -> int:
         with self._cond:
             return len(self._stream(stream).dead)
@@ -297,6 +303,9 @@ class MemoryBuffer(ConsumerGroupBuffer):
 
     def _pending_count(self) -> int:
         return self.store.pending_count(self.stream, self.group)
+
+    def _lag(self) -> int | None:
+        return self.store.lag(self.stream, self.group)
 
     def _add(self, fields: dict[str, bytes]) -> str:
         return self.store.add(self.stream, fields, self.maxlen)

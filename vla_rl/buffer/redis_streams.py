@@ -95,6 +95,16 @@ class RedisStreamsBuffer(ConsumerGroupBuffer):
     def _pending_count(self) -> int:
         return int(self._redis.xpending(self.stream, self.group)["pending"])
 
+    def _lag(self) -> int | None:
+        # XINFO GROUPS' lag (Redis 7+) is computed from the stream's entries-added counter, so
+        # trimming acked entries below the group keeps it exact; Redis answers nil when it
+        # cannot tell (an XDEL inside the unread range) and older servers have no such field.
+        for info in self._redis.xinfo_groups(self.stream):
+            if _str(info["name"]) == self.group:
+                lag = info.get("lag")
+                return None if lag is None else int(lag)
+        return None
+
     def _add(self, fields: dict[str, bytes]) -> str:
         pipe = self._redis.pipeline(transaction=False)
         pipe.xadd(self.stream, fields)
