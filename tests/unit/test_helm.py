@@ -194,3 +194,48 @@ def test_the_service_monitor_gives_the_labels_the_alerts_select(tmp_path):
         prometheus.terminate()
         prometheus.wait(timeout=30)
         server.shutdown()
+
+
+def _merged(example: Path | None) -> dict:
+    """The chart's defaults under an example's values (what Helm renders with)."""
+
+    def merge(base: dict, over: dict) -> dict:
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = (
+                merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+            )
+        return out
+
+    return merge(yaml.safe_load((CHART / "values.yaml").read_text()), _values(example))
+
+
+@pytest.mark.parametrize("example", CASES, ids=IDS)
+def test_scheduling_disruption_and_rbac_follow_the_values(example):
+    """What a GPU cluster relies on, rendered as the values say: nvidia.com/gpu requests and
+    limits per pod, node selectors and tolerations, env/rollout pods spread over nodes, a
+    PodDisruptionBudget per component, startup probes long enough to load a 7B checkpoint, and
+    the learner's Role limited to reading EndpointSlices."""
+    values, docs = _merged(example), _render(_values(example))
+    for component in ("env", "rollout", "learner"):
+        want = values[component]
+        pod = _by(docs, "StatefulSet", f"-{component}")["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        for kind in ("requests", "limits"):
+            gpus = container["resources"].get(kind, {}).get("nvidia.com/gpu")
+            assert gpus == (want["gpus"] or None), (component, kind, gpus)
+        assert pod.get("nodeSelector", {}) == want["nodeSelector"], component
+        assert pod.get("tolerations", []) == want["tolerations"], component
+        if component != "learner":
+            spread = pod.get("topologySpreadConstraints")
+            assert bool(spread) == values["topologySpread"], component
+        if "startupFailureThreshold" in want:
+            probe = container["startupProbe"]
+            assert probe["failureThreshold"] == want["startupFailureThreshold"]
+            assert probe["failureThreshold"] * probe.get("periodSeconds", 10) >= 600, component
+    budgets = {d["metadata"]["name"].rsplit("-", 1)[-1] for d in docs
+               if d["kind"] == "PodDisruptionBudget"}  # fmt: skip
+    assert budgets == ({"env", "rollout"} if values["podDisruptionBudget"]["enabled"] else set())
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    assert role["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                              "verbs": ["get", "list", "watch"]}]  # fmt: skip
