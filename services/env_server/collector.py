@@ -43,11 +43,13 @@ model, minutes for a 7B) before it fails."""
 
 
 def record_steps(mode: str, steps: int, episodes: list[dict]) -> None:
-    """Count env steps and finished episodes (with their success_once) for /metrics."""
+    """Count env steps and finished episodes (with their success_once and return) for /metrics."""
     metrics.ENV_STEPS.labels(mode).inc(steps)
     if episodes:
         metrics.EPISODES.labels(mode).inc(len(episodes))
         metrics.SUCCESSES.labels(mode).inc(sum(bool(e.get("success_once")) for e in episodes))
+        for episode in episodes:
+            metrics.EPISODE_RETURN.labels(mode).observe(float(episode["return"]))
 
 
 def _unavailable(error: BaseException) -> bool:

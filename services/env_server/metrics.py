@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Summary
 
 from vla_rl.telemetry import LATENCY_BUCKETS
 
@@ -15,6 +15,12 @@ EPISODES = Counter("vla_rl_env_episodes_total", "Episodes finished, by mode", ["
 SUCCESSES = Counter(
     "vla_rl_env_episode_successes_total",
     "Episodes finished that succeeded at least once (success_once), by mode",
+    ["mode"],
+)
+EPISODE_RETURN = Summary(
+    "vla_rl_env_episode_return",
+    "Return (sum of the env's rewards, before any algorithm.reward_scale) of finished episodes, "
+    "by mode; _sum / _count is the mean",
     ["mode"],
 )
 STEP_SECONDS = Histogram(
@@ -43,5 +49,5 @@ EVAL_SESSIONS = Gauge("vla_rl_env_eval_sessions", "Evaluation sessions open")
 # Every mode's series exists from the start (at 0), so rates and ratios have data before the
 # first eval episode.
 for _mode in ("train", "eval"):
-    for _family in (ENV_STEPS, EPISODES, SUCCESSES):
+    for _family in (ENV_STEPS, EPISODES, SUCCESSES, EPISODE_RETURN):
         _family.labels(_mode)

@@ -81,6 +81,8 @@ def test_every_service_is_scraped_by_a_real_prometheus(tmp_path):
         env, rollout, learner = (text[f"vla-rl-{j}"] for j in ("env", "rollout", "learner"))
         assert _value(env, "vla_rl_env_steps_total", mode="train") >= 3 * 2 * 4
         assert _value(env, "vla_rl_env_segments_written_total") >= 6
+        episodes = _value(env, "vla_rl_env_episodes_total", mode="train")
+        assert _value(env, "vla_rl_env_episode_return_count", mode="train") == episodes >= 2
         assert _value(env, "vla_rl_env_collection_running") == 1
         assert _value(rollout, "vla_rl_rollout_actions_total") >= 3 * 2 * 4
         assert _value(rollout, "vla_rl_rollout_requests_total", code="OK") >= 12
