@@ -111,3 +111,48 @@ def test_the_mounted_configs_load_and_name_the_compose_services(profile):
         t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]
     ]
     assert targets and all(t.rsplit(":", 1)[0] in services for t in targets)
+
+
+def _reserved(service: dict) -> list[int]:
+    devices = service.get("deploy", {}).get("resources", {}).get("reservations", {})
+    return [int(i) for d in devices.get("devices", []) for i in d["device_ids"]]
+
+
+def test_gpu_reservations_follow_the_placement():
+    """Each GPU service reserves GPUs of its own component as cluster.component_placement gives
+    them (read here with the config's own resolver, not the generator), every placed GPU is
+    reserved by its component, and the learner gets one per FSDP process."""
+    from vla_rl.config import resolve_placement
+
+    profile = next(p for p in PROFILES if p.num_gpus)
+    cfg = load_config(str(REPO / "deploy" / "compose" / profile.name / "config.yaml"), [])
+    placed = resolve_placement(cfg.cluster.component_placement, profile.num_gpus)
+    services = {name: s for name, s in _document()["services"].items()
+                if profile.name in s.get("profiles", [])}  # fmt: skip
+    component_of = {"env": "env", "rollout": "rollout", "learner": "actor"}
+    covered: dict[str, set[int]] = {c: set() for c in component_of.values()}
+    for name, service in services.items():
+        kind = next((k for k in component_of if name.startswith(k)), None)
+        if kind is None:
+            assert not _reserved(service), name  # redis, prometheus, ... hold no GPU
+            continue
+        gpus = _reserved(service)
+        assert gpus and set(gpus) <= set(placed[component_of[kind]]), (name, gpus)
+        covered[component_of[kind]].update(gpus)
+    assert covered == {c: set(placed[c]) for c in covered}
+    assert len(_reserved(services[f"learner-{profile.name}"])) == cfg.actor_world_size(
+        profile.num_gpus
+    )
+
+
+def test_redis_keeps_what_it_acknowledged_and_refuses_rather_than_evicts():
+    """AOF fsynced every second (a crash loses at most a second of segments), noeviction (a full
+    Redis refuses writes rather than silently dropping unread segments), a memory cap, and the
+    password from the secret file, never from the YAML."""
+    redis = _document()["services"]["redis"]
+    command = " ".join(redis["command"])
+    for flag in ("--appendonly yes", "--appendfsync everysec", "--maxmemory-policy noeviction"):
+        assert flag in command
+    assert "--maxmemory " in command
+    assert "requirepass" in command and "/run/secrets/redis_password" in command
+    assert redis["secrets"] == ["redis_password"]
