@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 9's base -> PPO and GRPO table in one job (measured on the lent nvidia-h200-x2, 32 cores):
-#   1. the base on GPU 0 (noise-0.3 expert demos -> BC 800 steps -> its table on every split),
+#   1. the base on GPU 0 (noise-0.3 expert demos -> BC $BC_STEPS steps of a $SIZE model -> its
+#      table on every split),
 #   2. PPO and GRPO (groups of 8 from one start) side by side from that base, 32 envs each, on
 #      GPU $PPO_GPU and GPU $GRPO_GPU, each stopped after $MINUTES of training,
 #   3. each arm's table on the same fixed starts as the base's (rl_gain.py rl does it).
@@ -14,6 +15,8 @@ set -u
 W=${W:-/tmp/rg}
 MINUTES=${MINUTES:-9}
 LR=${LR:-1e-3}
+SIZE=${SIZE:-tiny}         # the BC model: tiny (4.4M, what was measured) or small (25M)
+BC_STEPS=${BC_STEPS:-800}
 PPO_GPU=${PPO_GPU:-0}
 GRPO_GPU=${GRPO_GPU:-0}
 mkdir -p "$W"
@@ -22,7 +25,8 @@ A=(--model openvlaoft --chunk 5 --work "$W" --out "$W/out" --eval-episodes 200)
 RL=(--base "$W/out/base" --lr "$LR" --update-epochs 2 --ignore-terminations --reward-mode sparse
     --eval-every 1000 --iterations 1000 --save-every 10 --minutes "$MINUTES" ${RL_ARGS:-})
 CUDA_VISIBLE_DEVICES=0 python3 benchmarks/rl_gain.py base "${A[@]}" --demos 100 --demo-noise 0.3 \
-    --bc-steps 800 --select-episodes 8 --target-base 0.35 >"$W/base.log" 2>&1 || {
+    --size "$SIZE" --bc-steps "$BC_STEPS" --select-episodes 8 --target-base 0.35 \
+    >"$W/base.log" 2>&1 || {
     echo "base failed" >"$W/done"; exit 1; }
 # PPO: 16 env servers x 2 envs, returns of order 1 (rewards x 0.02) so the critic does not swamp
 # the shared LoRA's gradient.
