@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_LABEL = "kubernetes.io/service-name"
 GRPC_PORT_NAME = "grpc"
-NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+"""What Kubernetes mounts in every pod: token, ca.crt and namespace of its service account."""
 
 
 def slice_targets(endpoint_slice: Any, default_port: int) -> set[str]:
@@ -130,12 +131,26 @@ class EndpointSliceWatcher:
 
 
 def in_cluster_watcher(
-    service: str, on_change: Callable[[list[str]], None]
+    service: str,
+    on_change: Callable[[list[str]], None],
+    service_account_dir: str = SERVICE_ACCOUNT_DIR,
+    watch_timeout_s: int = 30,
 ) -> EndpointSliceWatcher:
-    """A started watcher for `service` in this pod's namespace, with its service account."""
-    from kubernetes import client, config
+    """A started watcher for `service` in this pod's namespace, with its service account: the
+    API server from KUBERNETES_SERVICE_HOST/PORT, verified with the account's CA, and its token
+    (re-read as the kubelet rotates it)."""
+    from pathlib import Path
 
-    config.load_incluster_config()
-    with open(NAMESPACE_FILE) as f:
-        namespace = f.read().strip()
-    return EndpointSliceWatcher(client.DiscoveryV1Api(), namespace, service, on_change).start()
+    from kubernetes import client
+    from kubernetes.config.incluster_config import InClusterConfigLoader
+
+    account = Path(service_account_dir)
+    configuration = client.Configuration()
+    InClusterConfigLoader(
+        token_filename=str(account / "token"), cert_filename=str(account / "ca.crt")
+    ).load_and_set(configuration)
+    namespace = (account / "namespace").read_text().strip()
+    api = client.DiscoveryV1Api(client.ApiClient(configuration))
+    return EndpointSliceWatcher(
+        api, namespace, service, on_change, watch_timeout_s=watch_timeout_s
+    ).start()

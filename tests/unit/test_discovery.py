@@ -1,13 +1,16 @@
 """Rollout replica discovery from EndpointSlices, against a fake Kubernetes API server on
 loopback that speaks the real protocol (list, watch as a stream of JSON events, 410 Gone for a
 compacted resourceVersion) to the real `kubernetes` client: replicas that appear, become unready
-or go away are reported, a 410 makes the watcher list again without losing changes, and the
-learner's Replicas push the current policy to a real rollout server as soon as it appears."""
+or go away are reported, a 410 makes the watcher list again without losing changes, the
+in-cluster path reaches an HTTPS API server with the pod's service account (CA, token,
+namespace), and the learner's Replicas push the current policy to a real rollout server as soon
+as it appears."""
 
 from __future__ import annotations
 
 import json
 import queue
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,8 +29,12 @@ PATH = f"/apis/discovery.k8s.io/v1/namespaces/{NAMESPACE}/endpointslices"
 class FakeAPIServer:
     """EndpointSlices of one namespace with a resourceVersion counter and an event log."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: dict | None = None, token: str | None = None) -> None:
+        """`tls`: tests/helpers/tls.py's files, to serve HTTPS as a real API server does;
+        `token`: every request must carry it as a bearer token (401 otherwise)."""
         self.version = 1
+        self.token = token
+        self.authorized = 0
         self.slices: dict[str, dict] = {}
         self.events: list[tuple[int, str, dict]] = []
         self.oldest = 0  # watches from an older resourceVersion get 410 Gone
@@ -42,6 +49,13 @@ class FakeAPIServer:
                 pass
 
             def do_GET(self) -> None:
+                if fake.token is not None:
+                    # The auth scheme is case-insensitive (RFC 7235): the client sends "bearer".
+                    scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+                    if scheme.lower() != "bearer" or token != fake.token:
+                        self.send_error(401)
+                        return
+                    fake.authorized += 1
                 url = urlsplit(self.path)
                 query = {k: v[0] for k, v in parse_qs(url.query).items()}
                 if url.path != PATH or query.get("labelSelector") != f"{SERVICE_LABEL}={SERVICE}":
@@ -57,8 +71,15 @@ class FakeAPIServer:
                     self.wfile.write(json.dumps(fake.listing()).encode())
 
         self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        scheme = "http"
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(tls["server"], tls["server_key"])
+            self.http.socket = context.wrap_socket(self.http.socket, server_side=True)
+            scheme = "https"
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
-        self.host = f"http://127.0.0.1:{self.http.server_address[1]}"
+        self.port = self.http.server_address[1]
+        self.host = f"{scheme}://127.0.0.1:{self.port}"
 
     def listing(self) -> dict:
         with self.cond:
@@ -191,6 +212,38 @@ def test_a_410_gone_lists_again_and_keeps_up(api_server):
         _expect(changes, ["10.0.0.1:50051", "10.0.0.5:50051", "10.0.2.9:50051"])
     finally:
         watcher.stop()
+
+
+def test_in_cluster_the_pods_service_account_reaches_the_api_server(tmp_path, monkeypatch):
+    """What the learner's pod runs (vla_rl.discovery.in_cluster_watcher): the API server from
+    KUBERNETES_SERVICE_HOST/PORT over HTTPS verified with the service account's ca.crt, its
+    token on every request, the namespace from its file."""
+    from tests.helpers.tls import write_tls_files
+    from vla_rl.discovery import in_cluster_watcher
+
+    tls = write_tls_files(tmp_path)
+    server = FakeAPIServer(tls=tls, token="sa-token-1")
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "token").write_text("sa-token-1")
+    (account / "ca.crt").write_bytes(tls["ca"].read_bytes())
+    (account / "namespace").write_text(NAMESPACE + "\n")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(server.port))
+    server.put("a", [("10.0.0.1", True)])
+    changes: queue.Queue = queue.Queue()
+    # A short watch, as the tests above use: with the 30 s default, the watched change did not
+    # reach on_change within _expect's 10 s from this fake (HTTP/1.0 bodies, not chunked).
+    watcher = in_cluster_watcher(SERVICE, changes.put, service_account_dir=str(account),
+                                 watch_timeout_s=2)  # fmt: skip
+    try:
+        _expect(changes, ["10.0.0.1:50051"])
+        server.put("b", [("10.0.1.7", True)])
+        _expect(changes, ["10.0.0.1:50051", "10.0.1.7:50051"])
+        assert server.authorized >= 2  # the list and the watch, each with the token
+    finally:
+        watcher.stop()
+        server.close()
 
 
 def _wait_for(condition, what: str, timeout_s: float = 10.0) -> None:
