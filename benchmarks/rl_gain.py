@@ -33,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # vla_rl, where the package is not installed (a lent GPU machine)
 
+from vla_rl.cli import BC_SIZES  # noqa: E402
 from vla_rl.experiment import (  # noqa: E402
     Setup,
     latest_checkpoint,
@@ -208,7 +209,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", default="PushCube-v1")
     p.add_argument("--model", choices=["openvla", "openvlaoft"], default="openvla")
     p.add_argument("--chunk", type=int, default=5, help="OFT chunk (divides --episode-steps)")
-    p.add_argument("--size", choices=["small", "tiny"], default="tiny",
+    p.add_argument("--size", choices=BC_SIZES, default="tiny",
                    help="base: the BC model's size (vla-rl bc --size)")  # fmt: skip
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--seed", type=int, default=0)
