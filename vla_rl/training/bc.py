@@ -132,7 +132,7 @@ def behaviour_clone(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % cfg.log_every == 0 or step == cfg.steps:
             recent = losses[-cfg.log_every :]
             log(
