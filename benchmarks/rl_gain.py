@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))  # vla_rl, where the package is not installed (a l
 from vla_rl.cli import BC_SIZES  # noqa: E402
 from vla_rl.experiment import (  # noqa: E402
     Setup,
+    comparison,
     latest_checkpoint,
     model_overrides,
     rl_overrides,
@@ -181,10 +182,24 @@ def phase_rl(args: argparse.Namespace) -> None:
     result = {"phase": "rl", "args": vars(args), "train_wall_s": train_s,
               "checkpoint": checkpoint.name, "iterations": int(checkpoint.name.split("_")[-1]),
               "table": table, "sampled_table": sampled, "periodic_eval": {k: _eval_rate(v) for k, v in periodic.items()},
-              **machine()}  # fmt: skip
+              "against_base": against_base(out, table, sampled, name), **machine()}  # fmt: skip
     (out / f"rl_gain_{name}.json").write_text(json.dumps(result, indent=2))
     shutil.copytree(run_dir / "tensorboard", out / f"{name}_tensorboard", dirs_exist_ok=True)
     print(f"[rl_gain] wrote {out / f'rl_gain_{name}.json'}", flush=True)
+
+
+def against_base(out: Path, table: dict | None, sampled: dict | None, name: str) -> dict:
+    """Each table against the base's of the same kind in --out (phase base wrote them), paired
+    by start (McNemar's exact test); printed, and returned for the result JSON."""
+    found = {}
+    for kind, after in (("greedy", table), ("sampled", sampled)):
+        base_file = out / f"base{'_sampled' if kind == 'sampled' else ''}_table" / "eval_table.json"
+        if after is None or not base_file.is_file():
+            continue
+        rows, markdown = comparison(json.loads(base_file.read_text()), after, f"{name} ({kind})")
+        print(markdown, flush=True)
+        found[kind] = rows
+    return found
 
 
 def _eval_rate(episodes: list[dict]) -> float | None:

@@ -127,6 +127,33 @@ def _config_help() -> str:
     return "config keys (in the YAML file, or as key=value overrides):\n\n" + describe_config()
 
 
+def _compare(args: argparse.Namespace) -> int:
+    import json
+
+    from vla_rl.experiment import comparison
+
+    tables = []
+    for path in (args.before, args.after):
+        path = Path(path)
+        if path.is_dir():
+            path = path / "eval_table.json"
+        try:
+            tables.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            print(f"compare: cannot read {path}: {e}", file=sys.stderr)
+            return 2
+    label = args.label or tables[1].get("label") or "after"
+    try:
+        rows, table = comparison(tables[0], tables[1], label)
+    except ValueError as e:
+        print(f"compare: {e}", file=sys.stderr)
+        return 2
+    print(table, end="")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from vla_rl.config import ConfigError
     from vla_rl.eval_run import SPLITS, run
@@ -246,6 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="output directory (default <run_dir>/eval_table)")
     ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. env.eval.seed=7")
     ev.set_defaults(func=_eval)
+
+    cmp = sub.add_parser(
+        "compare",
+        help="is the change between two evaluations significant? (paired by start, McNemar)",
+        description="Compare two `vla-rl eval` tables of the same splits, seeds and episode "
+        "count (e.g. the base and an RL adapter): per split the rates, how many starts flipped "
+        "each way and McNemar's exact p-value (better / worse at the 5%% level).",
+    )
+    cmp.add_argument("before", help="eval_table.json (or its directory) of the base")
+    cmp.add_argument("after", help="eval_table.json (or its directory) to compare with it")
+    cmp.add_argument("--label", default=None, help="column name of the second (default its label)")
+    cmp.add_argument("--json", default=None, help="also write the rows as JSON to this path")
+    cmp.set_defaults(func=_compare)
 
     bc = sub.add_parser(
         "bc", help="behaviour-clone demonstrations into an OpenVLA-layout checkpoint (warm start)"

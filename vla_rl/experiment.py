@@ -27,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vla_rl.report import paired_outcomes
+
 REPO = Path(__file__).resolve().parents[1]
 # What a subprocess shows on our stdout (all of it goes to its log file): progress and results.
 SHOW = re.compile(
@@ -276,33 +278,55 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 
 def comparison(before: dict, after: dict, after_label: str) -> tuple[dict, str]:
-    """Rows of base vs after RL per split (rate, 95% interval, episodes) and whether the gain's
-    sign is backed by the intervals (they do not overlap)."""
+    """Rows of base vs after RL per split (rate, 95% interval, episodes) and whether the change
+    is significant. Both evaluations play the same starts, so each split is tested paired by
+    start (McNemar's exact test, 5% level: how many starts RL gained and lost); a table without
+    its episodes falls back to the Wilson intervals not overlapping, which is weaker."""
     rows = {}
     for split, b in before["rows"].items():
         a = after["rows"].get(split)
         if a is None:
             continue
-        if "ci95" not in b:  # the OOD average: a mean of rates, no interval of its own
-            verdict = "-"
-        elif b["ci95"][0] > a["ci95"][1]:
-            verdict = "worse"
-        elif a["ci95"][0] > b["ci95"][1]:
-            verdict = "better"
+        row = {"base": b, "after": a, "gain": a["success_rate"] - b["success_rate"]}
+        if "ci95" not in b:  # the OOD average: a mean of rates, no test of its own
+            row["verdict"] = "-"
         else:
-            verdict = "no significant change"
-        rows[split] = {"base": b, "after": a, "gain": a["success_rate"] - b["success_rate"],
-                       "verdict": verdict}  # fmt: skip
+            paired = _paired(before, after, split)
+            if paired is not None:
+                row["paired"] = paired
+                significant = paired["p_value"] < 0.05
+                up = paired["gained"] > paired["lost"]
+            else:
+                significant = b["ci95"][0] > a["ci95"][1] or a["ci95"][0] > b["ci95"][1]
+                up = a["success_rate"] > b["success_rate"]
+            row["verdict"] = (
+                ("better" if up else "worse") if significant else "no significant change"
+            )
+        rows[split] = row
     lines = [
-        f"| split | base | {after_label} | gain | 95% Wilson intervals |",
-        "|---|---:|---:|---:|---|",
+        f"| split | base | {after_label} | gain | starts gained / lost (McNemar p) | verdict |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for split, r in rows.items():
-        b, a = r["base"], r["after"]
+        paired = r.get("paired")
+        flips = (
+            f"{paired['gained']} / {paired['lost']} (p = {paired['p_value']:.3g})"
+            if paired
+            else "-"
+        )
         lines.append(
-            f"| {split} | {_pct(b)} | {_pct(a)} | {100 * r['gain']:+.1f} pts | {r['verdict']} |"
+            f"| {split} | {_pct(r['base'])} | {_pct(r['after'])} | {100 * r['gain']:+.1f} pts "
+            f"| {flips} | {r['verdict']} |"
         )
     return rows, "\n".join(lines) + "\n"
+
+
+def _paired(before: dict, after: dict, split: str) -> dict | None:
+    """McNemar's test of one split, or None when a table lacks that split's episodes."""
+    b, a = before.get("episodes", {}).get(split), after.get("episodes", {}).get(split)
+    if not b or not a:
+        return None
+    return paired_outcomes(b, a)
 
 
 def _pct(row: dict) -> str:

@@ -46,6 +46,42 @@ def success_summary(episodes: list[dict]) -> dict:
     }
 
 
+def mcnemar_exact_p(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar p-value: under "no change", each start whose outcome flipped is
+    as likely to have flipped either way, so min(gained, lost) is a Binomial(gained + lost, 1/2)
+    tail. 1.0 when nothing flipped."""
+    flipped = gained + lost
+    if flipped == 0:
+        return 1.0
+    tail = sum(math.comb(flipped, i) for i in range(min(gained, lost) + 1)) / 2**flipped
+    return min(1.0, 2 * tail)
+
+
+def paired_outcomes(before: list[dict], after: list[dict]) -> dict:
+    """Episodes of two evaluations played from the same starts, paired by (task_id, seed):
+    how many starts the second gained (failed before, succeeded after) and lost, and McNemar's
+    exact p-value. Paired by start, the test sees a change that two overlapping Wilson intervals
+    hide (each start's difficulty cancels). Raises ValueError if the starts differ."""
+
+    def outcomes(episodes: list[dict]) -> dict[tuple[str, int], bool]:
+        out = {(e["task_id"], int(e["seed"])): bool(e["success_once"]) for e in episodes}
+        if len(out) != len(episodes):
+            raise ValueError("an evaluation played the same (task, seed) start twice")
+        return out
+
+    b, a = outcomes(before), outcomes(after)
+    if b.keys() != a.keys():
+        raise ValueError(
+            f"the evaluations played different starts ({len(b.keys() - a.keys())} only in the "
+            f"first, {len(a.keys() - b.keys())} only in the second): run both with the same "
+            "seeds and episode count"
+        )
+    gained = sum(a[k] and not b[k] for k in b)
+    lost = sum(b[k] and not a[k] for k in b)
+    return {"pairs": len(b), "gained": gained, "lost": lost,
+            "p_value": mcnemar_exact_p(gained, lost)}  # fmt: skip
+
+
 def read_scalars(tensorboard_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar of a TensorBoard directory: tag -> [(step, value)] sorted by step, one value
     per step: the latest written (a resumed run logs again the iterations after its checkpoint)."""

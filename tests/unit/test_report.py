@@ -1,4 +1,5 @@
-"""Success rates with Wilson intervals, and the learning-curve PNG from a real TensorBoard log."""
+"""Success rates with Wilson intervals, paired before/after tests (McNemar), `vla-rl compare`,
+and the learning-curve PNG from a real TensorBoard log."""
 
 from __future__ import annotations
 
@@ -6,7 +7,13 @@ import json
 
 import pytest
 
-from vla_rl.report import plot_learning_curve, success_summary, wilson_interval
+from vla_rl.report import (
+    mcnemar_exact_p,
+    paired_outcomes,
+    plot_learning_curve,
+    success_summary,
+    wilson_interval,
+)
 
 
 def test_wilson_interval_known_values():
@@ -32,6 +39,91 @@ def test_success_summary_per_task():
     assert summary["all"]["successes"] == 3 and summary["all"]["episodes"] == 5
     assert summary["tasks"]["A"]["success_rate"] == 0.75
     assert summary["tasks"]["B"]["ci95"] == list(wilson_interval(0, 1))
+
+
+def test_mcnemar_exact_p_known_values():
+    # Binomial(76, 1/2) two-sided at 28: the +10-point PPO run of benchmarks/README.md.
+    assert mcnemar_exact_p(48, 28) == pytest.approx(0.02863, abs=1e-5)
+    assert mcnemar_exact_p(28, 48) == mcnemar_exact_p(48, 28)
+    assert mcnemar_exact_p(5, 0) == pytest.approx(2 / 32)  # all five flips one way
+    assert mcnemar_exact_p(3, 3) == 1.0 and mcnemar_exact_p(0, 0) == 1.0
+
+
+def _episodes(outcomes: list[bool], task: str = "T", first_seed: int = 1000) -> list[dict]:
+    return [
+        {"task_id": task, "seed": first_seed + i, "success_once": ok}
+        for i, ok in enumerate(outcomes)
+    ]
+
+
+def test_paired_outcomes_counts_flips_by_start():
+    before = _episodes([True, True, False, False, False])
+    after = list(reversed(_episodes([True, True, True, False, True])))  # order does not matter
+    result = paired_outcomes(before, after)
+    assert result["pairs"] == 5
+    # before: 1000 T, 1001 T, 1002 F, 1003 F, 1004 F; after: 1000 T, 1001 T, 1002 T, 1003 F, 1004 T
+    assert (result["gained"], result["lost"]) == (2, 0)
+    assert result["p_value"] == pytest.approx(0.5)
+
+
+def test_paired_outcomes_refuses_different_starts():
+    with pytest.raises(ValueError, match="different starts"):
+        paired_outcomes(_episodes([True] * 3), _episodes([True] * 3, first_seed=2000))
+    with pytest.raises(ValueError, match="twice"):
+        paired_outcomes(_episodes([True]) * 2, _episodes([True]) * 2)
+
+
+def _table(label: str, outcomes: list[bool]) -> dict:
+    episodes = _episodes(outcomes)
+    return {"label": label, "rows": {"train": success_summary(episodes)["all"]},
+            "episodes": {"train": episodes}}  # fmt: skip
+
+
+def test_comparison_is_paired_where_intervals_overlap():
+    """16 starts gained and 2 lost of 200 (30% -> 37%): the Wilson intervals overlap, the
+    paired test sees the gain. 16 gained and 9 lost is not significant either way."""
+    from vla_rl.experiment import comparison
+
+    base = [i < 60 for i in range(200)]  # 30%
+    better = [ok or 100 <= i < 116 for i, ok in enumerate(base)]
+    better = [False if i < 2 else ok for i, ok in enumerate(better)]  # 16 gained, 2 lost: 37%
+    rows, markdown = comparison(_table("base", base), _table("rl", better), "rl")
+    b, a = rows["train"]["base"]["ci95"], rows["train"]["after"]["ci95"]
+    assert a[0] < b[1]  # the intervals overlap...
+    assert rows["train"]["paired"] == {"pairs": 200, "gained": 16, "lost": 2,
+                                       "p_value": pytest.approx(mcnemar_exact_p(16, 2))}  # fmt: skip
+    assert rows["train"]["verdict"] == "better"  # ...and the paired test still sees the gain
+    assert "16 / 2 (p = 0.00131)" in markdown and "| better |" in markdown
+
+    mixed = [ok if i >= 60 else i >= 9 for i, ok in enumerate(better)]  # 16 gained, 9 lost
+    rows, _ = comparison(_table("base", base), _table("rl", mixed), "rl")
+    assert (rows["train"]["paired"]["gained"], rows["train"]["paired"]["lost"]) == (16, 9)
+    assert rows["train"]["verdict"] == "no significant change"
+
+    # Without episodes (an older table) the verdict falls back to the intervals.
+    no_episodes = {k: v for k, v in _table("rl", better).items() if k != "episodes"}
+    rows, markdown = comparison(_table("base", base), no_episodes, "rl")
+    assert "paired" not in rows["train"] and rows["train"]["verdict"] == "no significant change"
+
+
+def test_vla_rl_compare_cli(tmp_path, capsys):
+    from vla_rl.cli import main
+
+    base, after = tmp_path / "base", tmp_path / "after.json"
+    base.mkdir()
+    (base / "eval_table.json").write_text(json.dumps(_table("base", [i < 4 for i in range(20)])))
+    after.write_text(json.dumps(_table("adapter v3", [i < 12 for i in range(20)])))
+    assert main(["compare", str(base), str(after), "--json", str(tmp_path / "rows.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| split | base | adapter v3 |" in out and "8 / 0 (p = 0.00781)" in out
+    assert json.loads((tmp_path / "rows.json").read_text())["rows"]["train"]["verdict"] == "better"
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**_table("x", [True] * 20),
+                                 "episodes": {"train": _episodes([True] * 20, first_seed=7)}}))  # fmt: skip
+    assert main(["compare", str(base), str(other)]) == 2
+    assert "different starts" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "missing"), str(after)]) == 2
 
 
 def test_learning_curve_png(tmp_path):
@@ -72,3 +164,19 @@ def test_a_resumed_run_keeps_one_value_per_step(tmp_path):
     points = read_scalars(tmp_path)["env/success_once"]
     assert [step for step, _ in points] == [1, 2, 3, 4]
     assert [value for _, value in points] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+
+
+def test_rl_gain_tests_each_table_against_the_base(tmp_path, capsys):
+    """benchmarks/rl_gain.py rl compares its greedy and sampled tables with the base's of the same
+    kind that phase base left in --out, and skips a kind the base lacks."""
+    from benchmarks.rl_gain import against_base
+
+    (tmp_path / "base_table").mkdir()
+    (tmp_path / "base_table" / "eval_table.json").write_text(
+        json.dumps(_table("base", [i < 5 for i in range(20)]))
+    )
+    greedy, sampled = _table("v10", [i < 11 for i in range(20)]), _table("v10", [True] * 20)
+    found = against_base(tmp_path, greedy, sampled, "ppo")
+    assert set(found) == {"greedy"}  # no base_sampled_table here
+    assert found["greedy"]["train"]["paired"]["gained"] == 6
+    assert "| split | base | ppo (greedy) |" in capsys.readouterr().out
