@@ -32,7 +32,7 @@ from vla_rl.buffer import Segment, TrajectoryBuffer
 from vla_rl.evaluation import annotate, write_video
 
 from . import metrics
-from .env_pool import EnvPool, EnvPoolConfig
+from .env_pool import EnvPool, EnvPoolConfig, EnvWorkerDied
 
 log = logging.getLogger("vla_rl.env_server")
 T = TypeVar("T")
@@ -40,6 +40,9 @@ T = TypeVar("T")
 ROLLOUT_PATIENCE_S = 900.0
 """How long collection waits for an unavailable rollout service (a replica restarting loads its
 model, minutes for a 7B) before it fails."""
+# Attempts at one iteration whose env workers died before the run fails: a worker that dies once
+# (the host ran short of memory) is replaced; one that dies every time is a bug to report.
+MAX_WORKER_RESTARTS = 3
 
 
 def record_steps(mode: str, steps: int, episodes: list[dict]) -> None:
@@ -259,7 +262,7 @@ class Collector:
                 pools.append(self.make_pool(pool_cfg))
             # Iteration i is collected with policy version i (on-policy) or at most max_staleness
             # versions older; numbering from start_version keeps segment ids unique on resume.
-            iteration = cfg.start_version
+            iteration, restarts = cfg.start_version, 0
             end = None if cfg.iterations == 0 else cfg.start_version + cfg.iterations
             while not self.stop_event.is_set() and (end is None or iteration < end):
                 t0 = time.monotonic()
@@ -267,7 +270,12 @@ class Collector:
                 self.stats.policy_wait_s += time.monotonic() - t0
                 if version < 0:
                     break
-                self._collect_iteration(iteration, pools, per_stage)
+                try:
+                    self._collect_iteration(iteration, pools, per_stage)
+                except EnvWorkerDied as died:
+                    restarts = self._replace_dead_workers(pools, died, restarts)
+                    continue  # the same iteration again from its first reset: no segment of it was written
+                restarts = 0
                 iteration += 1
             self.stats.state = "idle"
         except Exception as e:  # noqa: BLE001 - reported through GetStatus, then logged
@@ -280,6 +288,20 @@ class Collector:
             for pool in pools:
                 pool.close()
         return self.stats
+
+    def _replace_dead_workers(
+        self, pools: list[EnvPool], died: EnvWorkerDied, restarts: int
+    ) -> int:
+        """Replace the env workers that died (out of memory, a simulator or renderer crash) so
+        that the collection, and the run, go on; a worker that keeps dying fails the run."""
+        if restarts >= MAX_WORKER_RESTARTS:
+            raise RuntimeError(
+                f"env workers died in {restarts + 1} attempts at one iteration; last: {died}"
+            ) from died
+        replaced = sum(len(pool.restart_dead_workers()) for pool in pools)
+        metrics.WORKER_RESTARTS.inc(replaced)
+        log.warning("%s; replaced %d env worker(s), collecting the iteration again", died, replaced)
+        return restarts + 1
 
     def _collect_iteration(self, iteration: int, pools: list[EnvPool], per_stage: int) -> None:
         cfg = self.config

@@ -30,6 +30,12 @@ WORKER_MODES = ("auto", "subprocess", "in_process")
 _MAX_SEED = 2**31  # ManiSkill draws per-env seeds below 2**31
 
 
+class EnvWorkerDied(RuntimeError):
+    """An env worker process ended (killed, out of memory, a crash in the simulator or its
+    renderer). The pool can replace it (EnvPool.restart_dead_workers); the episodes in flight
+    on it are lost."""
+
+
 @dataclass
 class EnvPoolConfig:
     """How many envs of which tasks, and how they are simulated and observed."""
@@ -275,6 +281,13 @@ class EnvPool:
             final_images=out["final_images"],
             episodes=episodes,
         )
+
+    def restart_dead_workers(self) -> list[int]:
+        """Replace every env worker process that has ended (after an EnvWorkerDied); returns
+        their env indices. Every env should then be reset: the others' episodes continue from
+        where the failed step left them."""
+        self._check_open()
+        return self._backend.restart_dead_workers()
 
     def _check_actions(self, actions: Any) -> np.ndarray:
         try:
@@ -583,6 +596,10 @@ class _Backend:
     def close(self) -> None:
         raise NotImplementedError
 
+    def restart_dead_workers(self) -> list[int]:
+        """Backends without worker processes have none to replace."""
+        return []
+
 
 def _collate(results: list[dict[str, Any]]) -> dict[str, Any]:
     return dict(
@@ -665,23 +682,13 @@ class _SubprocessEnvs(_Backend):
     """One env per spawned subprocess; requests go out to all workers before any reply is read."""
 
     def __init__(self, config: EnvPoolConfig, task_ids: list[str], instructions: dict) -> None:
-        # spawn, not fork: the parent may hold gRPC threads, a SAPIEN renderer or CUDA state.
-        ctx = mp.get_context("spawn")
-        self.task_ids = task_ids
+        self.config, self.task_ids, self.instructions = config, task_ids, instructions
         self.conns: list[Any] = []
         self.procs: list[Any] = []
         try:
-            for i, t in enumerate(task_ids):
-                parent, child = ctx.Pipe()
-                proc = ctx.Process(
-                    target=_worker_main,
-                    args=(child, config, t, instructions[t]),
-                    name=f"env-worker-{i}-{t}",
-                    daemon=True,
-                )
-                proc.start()
-                child.close()
-                self.conns.append(parent)
+            for i in range(len(task_ids)):
+                conn, proc = self._spawn(i)
+                self.conns.append(conn)
                 self.procs.append(proc)
             self.env_infos = [
                 self._recv(i, config.worker_start_timeout_s) for i in range(len(task_ids))
@@ -690,13 +697,39 @@ class _SubprocessEnvs(_Backend):
             self.close()
             raise
 
+    def _spawn(self, i: int) -> tuple[Any, Any]:
+        """Start env i's worker; it answers with its env's info once the env is built."""
+        # spawn, not fork: the parent may hold gRPC threads, a SAPIEN renderer or CUDA state.
+        ctx = mp.get_context("spawn")
+        task = self.task_ids[i]
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(
+            target=_worker_main,
+            args=(child, self.config, task, self.instructions[task]),
+            name=f"env-worker-{i}-{task}",
+            daemon=True,
+        )
+        proc.start()
+        child.close()
+        return parent, proc
+
+    def restart_dead_workers(self) -> list[int]:
+        dead = [i for i, proc in enumerate(self.procs) if not proc.is_alive()]
+        for i in dead:
+            self.conns[i].close()
+            self.procs[i].join(timeout=1)
+            self.conns[i], self.procs[i] = self._spawn(i)
+        for i in dead:  # built side by side, then each one's first reply
+            self.env_infos[i] = self._recv(i, self.config.worker_start_timeout_s)
+        return dead
+
     def _recv(self, i: int, timeout_s: float | None = None) -> Any:
         conn, proc = self.conns[i], self.procs[i]
         waited = 0.0
         while not conn.poll(1.0):
             waited += 1.0
             if not proc.is_alive():
-                raise RuntimeError(
+                raise EnvWorkerDied(
                     f"env worker {i} ({self.task_ids[i]}) exited with code {proc.exitcode}"
                 )
             if timeout_s is not None and waited >= timeout_s:
@@ -706,7 +739,7 @@ class _SubprocessEnvs(_Backend):
         try:
             reply = conn.recv()
         except EOFError as err:
-            raise RuntimeError(f"env worker {i} ({self.task_ids[i]}) closed its pipe") from err
+            raise EnvWorkerDied(f"env worker {i} ({self.task_ids[i]}) closed its pipe") from err
         if reply[0] == "ok":
             return reply[1]
         _, kind, message, trace = reply
@@ -717,13 +750,20 @@ class _SubprocessEnvs(_Backend):
         )
 
     def _call_all(self, method: str, per_env_args: list[tuple]) -> list[Any]:
-        for conn, args in zip(self.conns, per_env_args, strict=True):
-            conn.send((method, args))
-        # Read every reply (even after an error) so no stale reply is left in a pipe.
-        results, first_error = [], None
+        sent, first_error = [], None
+        for i, (conn, args) in enumerate(zip(self.conns, per_env_args, strict=True)):
+            try:
+                conn.send((method, args))
+                sent.append(i)
+            except OSError as err:  # its process is gone (a broken pipe)
+                first_error = first_error or EnvWorkerDied(
+                    f"env worker {i} ({self.task_ids[i]}) is gone: {err}"
+                )
+        # Read every reply that is owed (even after an error) so no stale reply is left in a pipe.
+        results = []
         for i in range(len(self.conns)):
             try:
-                results.append(self._recv(i))
+                results.append(self._recv(i) if i in sent else None)
             except Exception as err:
                 first_error = first_error or err
                 results.append(None)

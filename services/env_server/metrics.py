@@ -37,6 +37,11 @@ COLLECTION_RUNNING = Gauge(
 COLLECTION_FAILURES = Counter(
     "vla_rl_env_collection_failures_total", "Collections that ended with an error"
 )
+WORKER_RESTARTS = Counter(
+    "vla_rl_env_worker_restarts_total",
+    "Env worker processes that died during collection and were replaced (the iteration is "
+    "collected again)",
+)
 ROLLOUT_RETRIES = Counter(
     "vla_rl_env_rollout_retries_total",
     "Calls to the rollout service retried because it was unavailable (a restart)",

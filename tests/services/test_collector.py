@@ -164,3 +164,82 @@ def test_no_training_video_without_video_dir(openvla_rollout, tmp_path, monkeypa
     for video_dir in ("", None):
         _collect(openvla_rollout, iterations=1, num_envs=1, video_dir=video_dir)
     assert written == [] and list(tmp_path.rglob("*")) == []
+
+
+def _collect_with_dying_worker(client: RolloutClient, kill_on_calls: set[int]):
+    """Collect 2 iterations of 2 envs in subprocess workers; before the Act calls numbered in
+    kill_on_calls (from 0), env worker 1 is killed as the kernel's OOM killer would (SIGKILL)."""
+    import os
+    import signal
+
+    from services.env_server.env_pool import EnvPool
+
+    pools: list[EnvPool] = []
+
+    def make_pool(cfg: EnvPoolConfig) -> EnvPool:
+        pools.append(EnvPool(cfg))
+        return pools[-1]
+
+    calls = {"n": 0}
+    first_pids: list[int] = []
+
+    def act(images, instructions, temperature):
+        if calls["n"] in kill_on_calls:
+            proc = pools[0]._backend.procs[1]
+            first_pids.append(proc.pid)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join(timeout=10)
+        calls["n"] += 1
+        return client.act_async(images, instructions, temperature)
+
+    pool = EnvPoolConfig(
+        task_ids=["PickCube-v1"], num_envs=2, max_episode_steps=3, worker_mode="subprocess"
+    )
+    config = CollectionConfig(
+        run_id="t", server_id="env0", pool=pool, max_staleness=5, action_chunk=1, iterations=2
+    )
+    buffer = MemoryBuffer(stream=f"s{id(config)}")
+    collector = Collector(
+        config,
+        act=act,
+        current_version=lambda: int(client.policy().policy_version),
+        buffer=buffer,
+        make_pool=make_pool,
+    )
+    return collector.run(), buffer, first_pids
+
+
+def test_a_dead_env_worker_is_replaced_and_its_iteration_collected_again(openvla_rollout):
+    from prometheus_client import REGISTRY
+
+    before = REGISTRY.get_sample_value("vla_rl_env_worker_restarts_total") or 0.0
+    # Call 1 is iteration 0's second decision: the step after it finds worker 1 dead.
+    stats, buffer, killed = _collect_with_dying_worker(openvla_rollout, kill_on_calls={1})
+    assert stats.state == "idle", stats.error
+    assert REGISTRY.get_sample_value("vla_rl_env_worker_restarts_total") == before + 1
+    segments = sorted(
+        (r.segment for r in buffer.take(100, timeout_s=1.0)), key=lambda s: s.segment_id
+    )
+    # Both iterations whole, each segment once: the interrupted iteration was collected again.
+    assert [s.segment_id for s in segments] == [
+        "t-env0-0-0",
+        "t-env0-0-1",
+        "t-env0-1-0",
+        "t-env0-1-1",
+    ]
+    assert all(s.action_tokens.shape == (3, 7) for s in segments)
+    assert len(killed) == 1
+
+
+def test_an_env_worker_that_keeps_dying_fails_the_collection(openvla_rollout, monkeypatch):
+    from services.env_server import collector as collector_module
+
+    monkeypatch.setattr(collector_module, "MAX_WORKER_RESTARTS", 1)
+    # Killed in iteration 0's first attempt (call 1) and again in its second (calls 3, 4, 5 are
+    # the second attempt's decisions; call 4 is its second).
+    stats, buffer, killed = _collect_with_dying_worker(openvla_rollout, kill_on_calls={1, 4})
+    assert stats.state == "failed"
+    assert "env workers died in 2 attempts at one iteration" in stats.error
+    assert "env worker 1 (PickCube-v1)" in stats.error
+    assert buffer.take(100, timeout_s=0.2) == []
+    assert len(killed) == 2
