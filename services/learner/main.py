@@ -136,6 +136,7 @@ def learner_plan(cfg: TrainConfig) -> LearnerPlan:
             temperature=cfg.rollout.sampling_params.temperature_train,
             micro_batch_size=actor.micro_batch_size,
             recompute_logprobs=alg.recompute_logprobs,
+            critic_warmup_steps=optim.critic_warmup_steps,
             max_staleness=alg.max_staleness,
             segment_timeout_s=cfg.runner.segment_timeout_s,
         ),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -65,6 +65,8 @@ class LoopSettings:
     """Micro-batch of the no-grad recompute."""
     recompute_logprobs: bool = True
     """Recompute the old log-probs before the update; false: the rollout's are the old ones."""
+    critic_warmup_steps: int = 0
+    """Iterations 1..N train only the value head (actor.optim.critic_warmup_steps)."""
     max_staleness: int = 0
     """Segments collected by a policy more than this many versions older than the learner's are
     dropped (and counted) instead of trained on."""
@@ -264,9 +266,13 @@ class Learner:
         )
         t1 = time.monotonic()
         self.phase = "updating"
+        warming_up = self.iteration < self.loop.critic_warmup_steps
+        update_cfg = replace(self.update_cfg, train_policy=False) if warming_up else self.update_cfg
         metrics = {f"train/{k}": v for k, v in ppo_update(
-            self.policy, self.optimizer, batch, self.update_cfg, self.generator
+            self.policy, self.optimizer, batch, update_cfg, self.generator
         ).items()}  # fmt: skip
+        if self.loop.critic_warmup_steps > 0:
+            metrics["train/critic/warmup"] = float(warming_up)
         t2 = time.monotonic()
         self.iteration += 1
         self.policy_version += 1
@@ -364,4 +370,6 @@ def format_line(m: dict[str, float], iteration: int, total: int) -> str:
     ):
         if key in m:
             parts.append(f"{label} {m[key]:{fmt}}")
+    if m.get("train/critic/warmup"):
+        parts.append("(critic warm-up: the policy did not change)")
     return "  ".join(parts)

@@ -107,6 +107,25 @@ def probe(policy, batch: TrainBatch) -> dict[str, torch.Tensor]:
             "recompute_bootstrap": bootstrap}  # fmt: skip
 
 
+def critic_warmup(strategy: str, batch: TrainBatch, device) -> dict[str, bool]:
+    """A critic warm-up update (train_policy=False) after a policy update, so AdamW has momentum:
+    the value head moves and every other adapter weight stays bit-identical on the sharded
+    policy too (no_shard's all-reduce hands zero gradients to the weights the loss missed)."""
+    policy = distributed.shard_policy(build_policy().to(device), strategy)
+    optimizer = OPTIMIZERS["adamw"](policy)
+    ppo_update(policy, optimizer, batch, UPDATE, torch.Generator().manual_seed(SEED))
+    before = st_load(distributed.serialize_adapter_distributed(policy, version=1))
+    cfg = dataclasses.replace(UPDATE, train_policy=False)
+    ppo_update(policy, optimizer, batch, cfg, torch.Generator().manual_seed(SEED))
+    after = st_load(distributed.serialize_adapter_distributed(policy, version=2))
+    head = [k for k in before if "value_head" in k]
+    rest = [k for k in before if "value_head" not in k]
+    return {
+        "policy_unchanged": all(torch.equal(before[k], after[k]) for k in rest),
+        "head_moved": any(not torch.equal(before[k], after[k]) for k in head),
+    }
+
+
 def same_tensors(blob_a: bytes, blob_b: bytes) -> bool:
     """Adapter blobs hold the same tensors (their bytes may differ: safetensors writes the
     metadata keys in hash order)."""
@@ -154,6 +173,7 @@ def main(out_dir: Path) -> None:
                 every = [None] * info.world_size
                 torch.distributed.all_gather_object(every, mine)
                 out["optimizer_same_on_every_rank"] = len(set(every)) == 1
+    out["warmup"] = critic_warmup(strategy, batch, info.device)
     if info.is_main:
         torch.save(out, out_dir)
     distributed.barrier()

@@ -454,3 +454,16 @@ def test_rl_gain_set_overrides_land_last(tmp_path):
     bad = parse_args(["rl", "--base", "/tmp/base", "--set", "algorithm.no_such_key=1"])
     with pytest.raises(ConfigError, match="no_such_key"):
         load_config(None, train_overrides(bad, tmp_path / "runs", "ppo_openvla"))
+
+
+def test_critic_warmup_needs_the_critic():
+    from vla_rl.config import ConfigError, load_config
+
+    cfg = load_config(None, ["actor.optim.critic_warmup_steps=3"])
+    assert cfg.actor.optim.critic_warmup_steps == 3
+    grpo = ["algorithm.adv_type=grpo", "algorithm.loss_type=actor", "algorithm.group_size=2",
+            "algorithm.normalize_advantages=false", "actor.optim.critic_warmup_steps=3"]  # fmt: skip
+    with pytest.raises(ConfigError, match="actor.optim.critic_warmup_steps"):
+        load_config(None, grpo)
+    with pytest.raises(ConfigError, match="critic_warmup_steps"):
+        load_config(None, ["actor.optim.critic_warmup_steps=-1"])

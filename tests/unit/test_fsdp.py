@@ -131,6 +131,8 @@ def test_two_process_fsdp_update_equals_single_process(tmp_path, strategy, reduc
     # The no-grad methods the learner calls (recompute, generate) run on the sharded policy.
     for key, value in ref["probes"].items():
         assert torch.allclose(got["probes"][key], value, rtol=1e-5, atol=1e-6), key
+    # A critic warm-up step moves the value head alone on every strategy.
+    assert got["warmup"] == {"policy_unchanged": True, "head_moved": True}
     # The optimizer state, gathered by name, matches and loads back through the shards.
     assert got["adapter_round_trip"]
     assert got.get("optimizer_same_on_every_rank", strategy != "no_shard")

@@ -17,7 +17,7 @@ from services.learner.batch import (
     stack_segments,
 )
 from services.learner.main import learner_plan
-from services.learner.trainer import Learner, LoopSettings, SegmentTimeout
+from services.learner.trainer import Learner, LoopSettings, SegmentTimeout, format_line
 from vla_rl.algorithms import (
     behaviour_importance_weights,
     compute_gae,
@@ -595,3 +595,36 @@ def test_the_learner_passes_recompute_logprobs_to_the_batch(recompute, prompts_o
     metrics = learner.train_iteration(learner.gather())
     assert ("rollout/logprob_mismatch" in metrics) is recompute
     assert learner.policy_version == 1
+
+
+def test_critic_warmup_iterations_publish_the_policy_unchanged(prompts_of, tmp_path):
+    """actor.optim.critic_warmup_steps 1: iteration 1 trains the value head alone (the
+    published adapter's policy weights are the start's), iteration 2 trains the policy."""
+    from safetensors.torch import load as st_load
+
+    from vla_rl.models.lora import serialize_adapter
+
+    buffer = from_url("memory://", stream="critic-warmup", group="learner")
+    policy = apply_lora(build_tiny_policy(), LoRASettings(rank=4))
+    published: list[dict] = [st_load(serialize_adapter(policy, version=0))]
+    learner = Learner(
+        policy, prompts_of, make_optimizer(policy, 1e-2, 1e-2), buffer,
+        lambda blob, v: published.append(st_load(blob)), PPOUpdateConfig(), AdvantageConfig(),
+        LoopSettings(2, 10, checkpoint_dir=tmp_path, critic_warmup_steps=1),
+    )  # fmt: skip
+    lines = []
+    for iteration in range(2):
+        for i in range(2):
+            buffer.put(make_segment(i, iteration=iteration, policy_version=iteration,
+                                    rewards=[0.0, 1.0, 0.0, 1.0]))  # fmt: skip
+        metrics = learner.train_iteration(learner.gather())
+        lines.append(format_line(metrics, learner.iteration, 10))
+        assert metrics["train/critic/warmup"] == float(iteration == 0)
+    start, warm, trained = published
+
+    def policy_weights_equal(a: dict, b: dict) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a if "value_head" not in k)
+
+    assert policy_weights_equal(start, warm) and not policy_weights_equal(warm, trained)
+    assert any(not torch.equal(start[k], warm[k]) for k in start if "value_head" in k)
+    assert "critic warm-up" in lines[0] and "critic warm-up" not in lines[1]

@@ -96,3 +96,44 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_gradients(prompt
     assert plain.keys() == checkpointed.keys() and any("vision" in n for n in plain)
     for name, grad in plain.items():
         assert torch.allclose(checkpointed[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_critic_warmup_step_trains_the_value_head_alone(prompt_tokenizer, images):
+    """train_policy=False (actor.optim.critic_warmup_steps): the value error falls and every
+    other weight stays bit-identical, under AdamW with weight decay (which moves weights on a
+    zero gradient) and with the LoRA already moved away from its zero start."""
+    from vla_rl.training.update import make_optimizer as learner_optimizer
+
+    policy = apply_lora(build_tiny_policy(tiny_config()), LoRASettings(rank=4))
+    prompts = prompt_tokenizer(INSTRUCTIONS)
+    gen = torch.Generator().manual_seed(0)
+    out = policy.generate(policy.pixel_values(images), prompts, generator=gen)
+    returns = torch.tensor([1.0, 0.0, 1.0])
+    batch = TrainBatch(images, prompts, out.action_tokens, out.logprobs,
+                       torch.tensor([1.0, -1.0, 0.5]), returns, out.values)  # fmt: skip
+    optimizer = learner_optimizer(policy, lr=1e-2, value_lr=1e-2, weight_decay=0.1)
+    cfg = PPOUpdateConfig(micro_batch_size=2, value_clip=None, update_epochs=3)
+    ppo_update(policy, optimizer, batch, cfg, gen)  # a policy step first: LoRA B is not zero now
+
+    def error(p) -> float:
+        _, _, v = p.evaluate_actions(p.pixel_values(images), prompts, out.action_tokens)
+        return float((v.detach() - returns).pow(2).mean())
+
+    rest = {n: p.detach().clone() for n, p in policy.named_parameters()
+            if not n.startswith("value_head.")}  # fmt: skip
+    head = {n: p.detach().clone() for n, p in policy.named_parameters()
+            if n.startswith("value_head.")}  # fmt: skip
+    before = error(policy)
+    warmup = PPOUpdateConfig(micro_batch_size=2, value_clip=None, update_epochs=3,
+                             train_policy=False)  # fmt: skip
+    metrics = ppo_update(policy, optimizer, batch, warmup, gen)
+    assert error(policy) < before
+    params = dict(policy.named_parameters())
+    assert all(torch.equal(params[n], w) for n, w in rest.items())
+    assert any(not torch.equal(params[n], w) for n, w in head.items())
+    assert "critic/value_loss" in metrics and "actor/approx_kl" in metrics  # still logged
+
+
+def test_critic_warmup_needs_a_critic():
+    with pytest.raises(ValueError, match="needs a critic"):
+        PPOUpdateConfig(value_coef=0.0, train_policy=False)

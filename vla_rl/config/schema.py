@@ -562,6 +562,12 @@ class OptimConfig:
     """AdamW weight decay."""
     clip_grad: float = 10.0
     """Global gradient-norm clip."""
+    critic_warmup_steps: int = 0
+    """Learner iterations at the start of a run (iterations 1..N, so not again after a resume
+    past them) that train only the value head: the policy loss is left out and the head reads
+    the LLM's state detached, so the LoRA, and the policy collecting, stay the base's while the
+    critic learns its returns. PPO's first advantages then come from a fitted value function
+    instead of a head whose last layer starts at zero. Needs the critic (actor_critic)."""
 
     def __post_init__(self) -> None:
         for name in ("lr", "value_lr", "adam_eps", "clip_grad"):
@@ -571,6 +577,7 @@ class OptimConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)!r}")
         _at_least("weight_decay", self.weight_decay, 0.0)
+        _at_least("critic_warmup_steps", self.critic_warmup_steps, 0)
 
 
 FSDP_BACKENDS = ("auto", "gloo", "nccl")
@@ -750,6 +757,12 @@ class TrainConfig:
             )
         if algo.adv_type == "grpo" and algo.loss_type != "actor":
             raise ConfigError("algorithm.loss_type", "adv_type 'grpo' has no critic: use 'actor'")
+        if self.actor.optim.critic_warmup_steps > 0 and algo.loss_type != "actor_critic":
+            raise ConfigError(
+                "actor.optim.critic_warmup_steps",
+                f"{self.actor.optim.critic_warmup_steps} warms up a critic, and loss_type "
+                f"{algo.loss_type!r} has none; leave it 0",
+            )
         if algo.group_size > 1 and algo.adv_type != "grpo":
             raise ConfigError(
                 "algorithm.group_size",

@@ -264,6 +264,7 @@ class OpenVLAPolicy(nn.Module):
         pixel_values: torch.Tensor,
         prompts: PromptBatch,
         action_tokens: torch.Tensor | None = None,
+        detach_value_input: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One full forward with teacher forcing (OpenVLA) or parallel slots (OFT).
 
@@ -271,6 +272,8 @@ class OpenVLAPolicy(nn.Module):
             pixel_values: [B, 6, H, W].
             prompts: left-padded prompt ids [B, L].
             action_tokens: [B, K] ids of the taken actions (needed for OpenVLA; ignored by OFT).
+            detach_value_input: the value head reads the LLM's state without a gradient path
+                back into it (a critic warm-up trains the head alone).
         Returns:
             logits [B, K, n_bins] (float32, before temperature) and values [B].
         """
@@ -303,7 +306,8 @@ class OpenVLAPolicy(nn.Module):
             ).last_hidden_state
             # The hidden state at position t predicts token t+1: last prompt token -> action 1.
             action_hidden = out[:, Lp - 1 :]
-        values = self.value_head(out[:, Lp - 1]).float()
+        state = out[:, Lp - 1]
+        values = self.value_head(state.detach() if detach_value_input else state).float()
         return self._action_logits(action_hidden), values
 
     @torch.no_grad()
@@ -363,9 +367,13 @@ class OpenVLAPolicy(nn.Module):
         prompts: PromptBatch,
         action_tokens: torch.Tensor,
         temperature: float = 1.0,
+        detach_value_input: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Log-probs [B, K], entropy [B, K] and values [B] of taken actions (with grad)."""
-        logits, values = self.forward_actions(pixel_values, prompts, action_tokens)
+        """Log-probs [B, K], entropy [B, K] and values [B] of taken actions (with grad; with
+        detach_value_input the values' gradient stops at the value head)."""
+        logits, values = self.forward_actions(
+            pixel_values, prompts, action_tokens, detach_value_input
+        )
         index = (action_tokens.to(self.device) - self.config.action_vocab_start).long()
         if index.min() < 0 or index.max() >= self.config.n_action_bins:
             raise ValueError("action_tokens contain ids outside the action range")

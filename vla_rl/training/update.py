@@ -76,6 +76,9 @@ class PPOUpdateConfig:
     """Decoupled PPO: truncate pi_prox / pi_behav at this value; None: no truncation."""
     kl_estimator: str = "k3"
     """Estimator of the logged train/actor/approx_kl: 'k1', 'k2' or 'k3' (see `approx_kl`)."""
+    train_policy: bool = True
+    """False: a critic warm-up step. Only the value loss is optimised, and the value head reads
+    the LLM's state detached, so no gradient reaches the LoRA and the policy does not move."""
     reduce_every_micro_batch: bool = False
     """Data-parallel: reduce gradients over the ranks after every micro-batch's backward, or
     (False, the default) let them add up on each rank and reduce once, after the step's last
@@ -94,6 +97,8 @@ class PPOUpdateConfig:
         for name in ("update_epochs", "num_mini_batches", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if not self.train_policy and self.value_coef <= 0:
+            raise ValueError("train_policy=False (critic warm-up) needs a critic: value_coef > 0")
 
 
 def make_optimizer(
@@ -202,6 +207,13 @@ def ppo_update(
             counts[name] += 1
 
     params = [p for p in policy.parameters() if p.requires_grad]
+    # A critic warm-up steps the value head only. The loss does not reach the other weights, but
+    # no_shard's all-reduce gives them zero gradients, on which AdamW would still move them
+    # (momentum, weight decay): their gradients are dropped before the step.
+    frozen = [] if cfg.train_policy else [
+        p for n, p in policy.named_parameters()
+        if p.requires_grad and not n.startswith("value_head.")
+    ]  # fmt: skip
     mini_size = max(1, n // cfg.num_mini_batches)
     for _ in range(cfg.update_epochs):
         order = torch.randperm(n, generator=generator)
@@ -236,6 +248,8 @@ def ppo_update(
             reduce_gradients(policy, params)  # no_shard's one all-reduce (FSDP's is done)
             grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
             record("actor/grad_norm", grad_norm)
+            for p in frozen:
+                p.grad = None
             if torch.isfinite(grad_norm):
                 optimizer.step()
             else:  # a non-finite gradient would corrupt the adapter; skip this step
@@ -259,7 +273,11 @@ def _micro_loss(
     weights = micro.loss_weights.to(device)
     pv = policy.pixel_values(micro.images)
     logp, entropy, values = policy.evaluate_actions(
-        pv, micro.prompts, micro.action_tokens, temperature=cfg.temperature
+        pv,
+        micro.prompts,
+        micro.action_tokens,
+        temperature=cfg.temperature,
+        detach_value_input=not cfg.train_policy,
     )
     logp = _level(logp, policy, cfg.logprob_level)
     old = _level(micro.old_logprobs.to(device), policy, cfg.logprob_level)
@@ -284,7 +302,8 @@ def _micro_loss(
     )  # fmt: skip
     entropy = aggregate_entropy(entropy, policy.config.action_dim, cfg.entropy_level)
     ent = entropy_bonus(entropy, weights.view(-1, 1).expand_as(entropy))
-    loss = pg_loss - cfg.entropy_coef * ent
+    # A critic warm-up step optimises the value loss alone (the policy terms still get logged).
+    loss = pg_loss - cfg.entropy_coef * ent if cfg.train_policy else pg_loss.new_zeros(())
     if cfg.value_coef > 0:
         v_loss, v_metrics = value_loss(
             values, micro.old_values.to(device), micro.returns.to(device),
