@@ -121,8 +121,16 @@ def test_the_run_config_and_every_command_are_ones_vla_rl_reads(example, tmp_pat
         {"image": {"repository": "vla-rl", "tag": "cpu", "pullPolicy": "Sometimes"}},
         {"redis": {"externalUrl": "http://not-redis:6379"}},
         {"replicas": 3},
+        {"rollout": {"replicas": 1, "gpus": 1, "startupFailureThreshold": 1}},
     ],
-    ids=["zero-rollout-replicas", "negative-gpus", "pull-policy", "redis-url", "unknown-key"],
+    ids=[
+        "zero-rollout-replicas",
+        "negative-gpus",
+        "pull-policy",
+        "redis-url",
+        "unknown-key",
+        "startup-probe-of-10-s",
+    ],  # fmt: skip
 )
 def test_the_schema_refuses_bad_values(bad):
     with pytest.raises(Exception, match="vla-rl"):
