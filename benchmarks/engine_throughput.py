@@ -8,17 +8,18 @@ against its torch engine and Hugging Face `generate`, at several batch sizes, in
 Weights are random (OpenVLA-7B shapes or the tiny ones, written once under --work); throughput
 does not depend on their values. Every timed call gets observations it has not seen (fresh
 random images), as a rollout does: vLLM's prefix cache would otherwise serve repeated prompts
-(FACTS: 282 actions/s at batch 128 with repeats against 132 with fresh prompts). Actions are
-sampled at temperature 1 with log-probs, as in training.
+(282 actions/s at batch 128 with repeats against 132 with fresh prompts, seen on an H100). The
+engines sample the 256 action ids at temperature 1 and return log-probs, as in training.
 
 - torch: `TorchEngine.act` (pixel values, towers, projector, prefill and a 7-step KV-cache
   decode, all in torch).
 - hf: the same torch policy's towers and projector, then transformers' `generate` on the prompt
-  embeddings (the LLM-only baseline of FACTS, here with the towers counted).
+  embeddings, as a user would call it: it samples from the whole vocabulary and keeps no scores,
+  a little less work than the engines do.
 - vllm: `VLLMEngine.act` (towers and projector in torch, the LLM in vLLM from prompt embeddings).
 
-The torch policy is freed before vLLM starts, so each gets the GPU's memory to itself. An
-engine that fails (vLLM's start, for one) is recorded with its error; the others still run.
+The torch policy is freed before vLLM starts, so each gets the GPU's memory to itself. If an
+engine fails (vLLM's start, for one), its row records the error and the others still run.
 """
 
 from __future__ import annotations
@@ -75,11 +76,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def torch_and_hf(args, ckpt: Path, wanted: list[str]) -> dict[str, dict]:
-    """The torch engine's rates and, on its policy, HF generate's."""
+def torch_and_hf(args, ckpt: Path, wanted: list[str], rows: dict[str, dict]) -> None:
+    """The torch engine's rates and, on its policy, HF generate's, into rows (each as it
+    finishes, so a failure of the second keeps the first)."""
     from services.rollout_server.engines.torch_engine import TorchEngine
 
-    rows: dict[str, dict] = {}
     precision = "bf16" if args.dtype == "bfloat16" else "fp32"
     t0 = time.perf_counter()
     engine = TorchEngine(ckpt, device=args.device, precision=precision)
@@ -101,7 +102,7 @@ def torch_and_hf(args, ckpt: Path, wanted: list[str]) -> dict[str, dict]:
             return hf_generate(policy, pv, engine.prompts(instructions), k)
 
         rows["hf"] = {"actions_per_s": actions_per_s(hf_act, args.batches, args.calls, args.device)}
-    return rows  # the engine and its policy go with this frame: main() frees their memory
+    # The engine and its policy go with this frame: main() then frees their memory.
 
 
 def vllm_row(args, ckpt: Path) -> dict:
@@ -177,7 +178,12 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = checkpoint(work, args.size, getattr(torch, args.dtype), args.device)
     rows: dict[str, dict] = {}
     if {"torch", "hf"} & set(args.engines):
-        rows.update(torch_and_hf(args, ckpt, args.engines))
+        try:
+            torch_and_hf(args, ckpt, args.engines, rows)
+        except Exception as e:  # noqa: BLE001 - a failing engine is a result to record
+            traceback.print_exc()
+            for name in {"torch", "hf"} & set(args.engines):
+                rows.setdefault(name, {"error": f"{type(e).__name__}: {e}"})
         gc.collect()  # the torch policy's memory goes back before vLLM sizes its KV cache
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()

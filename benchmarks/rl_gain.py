@@ -196,7 +196,14 @@ def against_base(out: Path, table: dict | None, sampled: dict | None, name: str)
         base_file = out / f"base{'_sampled' if kind == 'sampled' else ''}_table" / "eval_table.json"
         if after is None or not base_file.is_file():
             continue
-        rows, markdown = comparison(json.loads(base_file.read_text()), after, f"{name} ({kind})")
+        try:
+            rows, markdown = comparison(
+                json.loads(base_file.read_text()), after, f"{name} ({kind})"
+            )
+        except ValueError as e:  # other starts than the base's: the run's tables still count
+            print(f"[rl_gain] no paired comparison ({kind}): {e}", flush=True)
+            found[kind] = {"error": str(e)}
+            continue
         print(markdown, flush=True)
         found[kind] = rows
     return found

@@ -293,7 +293,9 @@ class Collector:
         self, pools: list[EnvPool], died: EnvWorkerDied, restarts: int
     ) -> int:
         """Replace the env workers that died (out of memory, a simulator or renderer crash) so
-        that the collection, and the run, go on; a worker that keeps dying fails the run."""
+        that the collection, and the run, go on; a worker that keeps dying fails the run. The
+        abandoned attempt's env steps and finished episodes stay counted in the status and
+        /metrics (they were simulated), though none of them reaches a segment."""
         if restarts >= MAX_WORKER_RESTARTS:
             raise RuntimeError(
                 f"env workers died in {restarts + 1} attempts at one iteration; last: {died}"

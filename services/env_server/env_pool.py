@@ -14,6 +14,7 @@ observation the episode ended on, as PPO bootstraps from it on truncation.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import multiprocessing as mp
 import signal
 import traceback
@@ -23,6 +24,8 @@ from typing import Any
 import numpy as np
 
 from .tasks import import_task_modules, resolve_task
+
+log = logging.getLogger("vla_rl.env_server")
 
 SIM_BACKENDS = ("cpu", "gpu")
 REWARD_MODES = ("normalized_dense", "dense", "sparse")
@@ -685,6 +688,9 @@ class _SubprocessEnvs(_Backend):
         self.config, self.task_ids, self.instructions = config, task_ids, instructions
         self.conns: list[Any] = []
         self.procs: list[Any] = []
+        # Workers found dead or cut off (EOF, a broken pipe): a process that closed its pipe
+        # may not have exited yet, so is_alive() alone would miss it.
+        self.lost: set[int] = set()
         try:
             for i in range(len(task_ids)):
                 conn, proc = self._spawn(i)
@@ -714,14 +720,37 @@ class _SubprocessEnvs(_Backend):
         return parent, proc
 
     def restart_dead_workers(self) -> list[int]:
-        dead = [i for i, proc in enumerate(self.procs) if not proc.is_alive()]
-        for i in dead:
-            self.conns[i].close()
-            self.procs[i].join(timeout=1)
+        """Replace the workers that died or lost their pipe; returns those that started again.
+        One that fails to start stays stopped and lost, so the pool's next call raises
+        EnvWorkerDied again (and the collector counts another attempt)."""
+        lost = sorted(self.lost | {i for i, proc in enumerate(self.procs) if not proc.is_alive()})
+        for i in lost:
+            self._stop(i)
             self.conns[i], self.procs[i] = self._spawn(i)
-        for i in dead:  # built side by side, then each one's first reply
-            self.env_infos[i] = self._recv(i, self.config.worker_start_timeout_s)
-        return dead
+        started = []
+        for i in lost:  # built side by side, then each one's first reply
+            try:
+                self.env_infos[i] = self._recv(i, self.config.worker_start_timeout_s)
+            except Exception as err:  # noqa: BLE001 - reported, and raised again on next use
+                log.warning("env worker %d (%s) did not start again: %s", i, self.task_ids[i], err)
+                self._stop(i)
+                self.lost.add(i)
+                continue
+            self.lost.discard(i)
+            started.append(i)
+        return started
+
+    def _stop(self, i: int) -> None:
+        """Close env i's pipe and end its process (killed if it does not exit)."""
+        self.conns[i].close()
+        proc = self.procs[i]
+        if proc.is_alive():
+            proc.kill()
+        proc.join(timeout=5)
+
+    def _died(self, i: int, what: str) -> EnvWorkerDied:
+        self.lost.add(i)
+        return EnvWorkerDied(f"env worker {i} ({self.task_ids[i]}) {what}")
 
     def _recv(self, i: int, timeout_s: float | None = None) -> Any:
         conn, proc = self.conns[i], self.procs[i]
@@ -729,17 +758,15 @@ class _SubprocessEnvs(_Backend):
         while not conn.poll(1.0):
             waited += 1.0
             if not proc.is_alive():
-                raise EnvWorkerDied(
-                    f"env worker {i} ({self.task_ids[i]}) exited with code {proc.exitcode}"
-                )
+                raise self._died(i, f"exited with code {proc.exitcode}")
             if timeout_s is not None and waited >= timeout_s:
                 raise RuntimeError(
                     f"env worker {i} ({self.task_ids[i]}) gave no reply in {timeout_s:.0f} s"
                 )
         try:
             reply = conn.recv()
-        except EOFError as err:
-            raise EnvWorkerDied(f"env worker {i} ({self.task_ids[i]}) closed its pipe") from err
+        except (EOFError, OSError) as err:  # OSError: a reset connection, a closed pipe
+            raise self._died(i, f"closed its pipe ({type(err).__name__})") from err
         if reply[0] == "ok":
             return reply[1]
         _, kind, message, trace = reply
@@ -755,10 +782,9 @@ class _SubprocessEnvs(_Backend):
             try:
                 conn.send((method, args))
                 sent.append(i)
-            except OSError as err:  # its process is gone (a broken pipe)
-                first_error = first_error or EnvWorkerDied(
-                    f"env worker {i} ({self.task_ids[i]}) is gone: {err}"
-                )
+            except OSError as err:  # its process is gone (a broken or closed pipe)
+                died = self._died(i, f"is gone: {err}")
+                first_error = first_error or died
         # Read every reply that is owed (even after an error) so no stale reply is left in a pipe.
         results = []
         for i in range(len(self.conns)):

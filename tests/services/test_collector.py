@@ -235,8 +235,8 @@ def test_an_env_worker_that_keeps_dying_fails_the_collection(openvla_rollout, mo
     from services.env_server import collector as collector_module
 
     monkeypatch.setattr(collector_module, "MAX_WORKER_RESTARTS", 1)
-    # Killed in iteration 0's first attempt (call 1) and again in its second (calls 3, 4, 5 are
-    # the second attempt's decisions; call 4 is its second).
+    # Killed in iteration 0's first attempt (before its Act call 1) and again in its second
+    # attempt, whose Act calls are 2, 3 and 4 (call 4 is its third decision).
     stats, buffer, killed = _collect_with_dying_worker(openvla_rollout, kill_on_calls={1, 4})
     assert stats.state == "failed"
     assert "env workers died in 2 attempts at one iteration" in stats.error

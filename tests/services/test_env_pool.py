@@ -313,3 +313,43 @@ def test_config_from_dict_rejects_unknown_keys():
     assert EnvPoolConfig.from_dict({"num_envs": 2}).num_envs == 2
     with pytest.raises(ValueError, match="num_env"):
         EnvPoolConfig.from_dict({"num_env": 2})
+
+
+def test_a_killed_worker_is_replaced_and_one_that_cannot_start_stays_lost():
+    """A worker killed and not yet reaped, as the OOM killer leaves it: the next step raises
+    EnvWorkerDied and restart_dead_workers replaces it (the other worker keeps its process).
+    A replacement that fails to start is stopped and stays lost: the pool's next call raises
+    EnvWorkerDied again, and a later restart that succeeds brings the pool back."""
+    import os
+    import signal
+
+    from services.env_server.env_pool import EnvWorkerDied
+
+    cfg = EnvPoolConfig(task_ids=["PickCube-v1"], num_envs=2, max_episode_steps=5,
+                        worker_mode="subprocess", image_size=64)  # fmt: skip
+    with EnvPool(cfg) as pool:
+        backend = pool._backend
+        pool.reset([1, 2])
+        survivor = backend.procs[0].pid
+        os.kill(backend.procs[1].pid, signal.SIGKILL)  # not joined: the parent has not reaped it
+        with pytest.raises(EnvWorkerDied, match="env worker 1 \\(PickCube-v1\\)"):
+            pool.step(_zeros(pool))
+        assert pool.restart_dead_workers() == [1]
+        assert backend.procs[0].pid == survivor and not backend.lost
+        obs = pool.reset([1, 2])
+        assert obs.images.shape == (2, 64, 64, 3)
+
+        os.kill(backend.procs[1].pid, signal.SIGKILL)
+        with pytest.raises(EnvWorkerDied):
+            pool.step(_zeros(pool))
+        # Its replacement cannot build its env.
+        backend.task_ids[1] = "NoSuchTask-v1"
+        backend.instructions = {**backend.instructions, "NoSuchTask-v1": "do nothing"}
+        assert pool.restart_dead_workers() == []
+        assert backend.lost == {1} and not backend.procs[1].is_alive()
+        with pytest.raises(EnvWorkerDied):
+            pool.reset([1, 2])
+        backend.task_ids[1] = "PickCube-v1"
+        assert pool.restart_dead_workers() == [1]
+        pool.reset([1, 2])  # a replaced env starts from a reset, as the collector does
+        assert pool.step(_zeros(pool)).rewards.shape == (2,)

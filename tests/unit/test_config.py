@@ -467,3 +467,5 @@ def test_critic_warmup_needs_the_critic():
         load_config(None, grpo)
     with pytest.raises(ConfigError, match="critic_warmup_steps"):
         load_config(None, ["actor.optim.critic_warmup_steps=-1"])
+    with pytest.raises(ConfigError, match="value_coef 0.0"):  # a critic that is never trained
+        load_config(None, ["actor.optim.critic_warmup_steps=3", "algorithm.value_coef=0"])

@@ -42,3 +42,17 @@ def test_a_failed_engine_is_a_row_with_its_error():
     assert "| 8 | 100.0 | RuntimeError: engine core died | - |" in md
     rows["vllm"] = {"actions_per_s": {8: 150.0}}
     assert "| 8 | 100.0 | 150.0 | 1.50x |" in table(rows, [8])
+
+
+def test_hf_failing_keeps_the_torch_row(tmp_path, monkeypatch):
+    import benchmarks.engine_throughput as bench
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("generate blew up")
+
+    monkeypatch.setattr(bench, "hf_generate", broken)
+    result = main(["--size", "tiny", "--device", "cpu", "--engines", "torch", "hf",
+                   "--batches", "2", "--calls", "1", "--work", str(tmp_path)])  # fmt: skip
+    assert result["rows"]["torch"]["actions_per_s"][2] > 0
+    assert result["rows"]["hf"] == {"error": "RuntimeError: generate blew up"}
+    assert "RuntimeError: generate blew up" in result["table"]

@@ -180,3 +180,9 @@ def test_rl_gain_tests_each_table_against_the_base(tmp_path, capsys):
     assert set(found) == {"greedy"}  # no base_sampled_table here
     assert found["greedy"]["train"]["paired"]["gained"] == 6
     assert "| split | base | ppo (greedy) |" in capsys.readouterr().out
+
+    # Tables of other starts than the base's: the comparison is an error entry, not a crash
+    # that would lose the run's result file.
+    other = {**greedy, "episodes": {"train": _episodes([True] * 20, first_seed=7)}}
+    found = against_base(tmp_path, other, None, "ppo")
+    assert "different starts" in found["greedy"]["error"]

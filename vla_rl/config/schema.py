@@ -757,11 +757,12 @@ class TrainConfig:
             )
         if algo.adv_type == "grpo" and algo.loss_type != "actor":
             raise ConfigError("algorithm.loss_type", "adv_type 'grpo' has no critic: use 'actor'")
-        if self.actor.optim.critic_warmup_steps > 0 and algo.loss_type != "actor_critic":
+        warmup = self.actor.optim.critic_warmup_steps
+        if warmup > 0 and (algo.loss_type != "actor_critic" or algo.value_coef <= 0):
             raise ConfigError(
                 "actor.optim.critic_warmup_steps",
-                f"{self.actor.optim.critic_warmup_steps} warms up a critic, and loss_type "
-                f"{algo.loss_type!r} has none; leave it 0",
+                f"{warmup} warms up a critic, and this run trains none (loss_type "
+                f"{algo.loss_type!r}, value_coef {algo.value_coef!r}); leave it 0",
             )
         if algo.group_size > 1 and algo.adv_type != "grpo":
             raise ConfigError(
