@@ -16,7 +16,10 @@ engines sample the 256 action ids at temperature 1 and return log-probs, as in t
 - hf: the same torch policy's towers and projector, then transformers' `generate` on the prompt
   embeddings, as a user would call it: it samples from the whole vocabulary and keeps no scores,
   a little less work than the engines do.
-- vllm: `VLLMEngine.act` (towers and projector in torch, the LLM in vLLM from prompt embeddings).
+- vllm: `VLLMEngine.act` (towers and projector in torch, the LLM in vLLM from prompt embeddings);
+  its row also holds the median seconds per call of each part (`act_seconds`: the torch-side
+  prompt embeddings, then vLLM's generate) and the VLLM_* environment it ran under (for
+  example VLLM_ENABLE_V1_MULTIPROCESSING=0 runs vLLM's engine core in this process).
 
 The torch policy is freed before vLLM starts, so each gets the GPU's memory to itself. If an
 engine fails (vLLM's start, for one), its row records the error and the others still run.
@@ -119,12 +122,22 @@ def vllm_row(args, ckpt: Path) -> dict:
     print("vLLM engine", flush=True)
     try:
         engine = VLLMEngine(ckpt, **options)
-        rate = actions_per_s(
-            lambda im, ins: engine.act(im, ins, temperature=1.0), args.batches, args.calls,
-            args.device,
-        )  # fmt: skip
-        return {"start_s": engine.start_seconds, "actions_per_s": rate, "options": {
-            k: str(v) for k, v in options.items()}}  # fmt: skip
+        phases: dict[int, list[dict[str, float]]] = {}
+
+        def act(images: np.ndarray, instructions: list[str]):
+            out = engine.act(images, instructions, temperature=1.0)
+            phases.setdefault(len(instructions), []).append(engine.last_act_seconds)
+            return out
+
+        rate = actions_per_s(act, args.batches, args.calls, args.device)
+        # Median seconds per call of each part of act() (the warm-up call included).
+        split = {b: {k: float(np.median([c[k] for c in calls])) for k in calls[0]}
+                 for b, calls in phases.items()}  # fmt: skip
+        for b, parts in split.items():
+            print(f"  batch {b:4d}: " + ", ".join(f"{k} {v:.3f} s" for k, v in parts.items()))
+        env = {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}
+        return {"start_s": engine.start_seconds, "actions_per_s": rate, "act_seconds": split,
+                "options": {k: str(v) for k, v in options.items()}, "vllm_env": env}  # fmt: skip
     except Exception as e:  # noqa: BLE001 - a failing engine is a result to record
         traceback.print_exc()
         return {"error": f"{type(e).__name__}: {e}"}
@@ -159,7 +172,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     p.add_argument("--batches", type=int, nargs="+", default=[4, 8])
     p.add_argument("--calls", type=int, default=5, help="timed calls per batch size")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.7,
+                   help="vLLM's share; merged weight sync keeps a base copy (13 GB at 7B) beside it")  # fmt: skip
     p.add_argument("--eager", action="store_true",
                    help="vLLM without CUDA graphs or compilation (always on the CPU)")  # fmt: skip
     p.add_argument("--work", default="/tmp/engine_throughput")

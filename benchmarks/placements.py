@@ -7,13 +7,18 @@ with the 1-GPU run of that config as the baseline in the same command:
 - disaggregated: env + rollout on the first half, the learner on the second, with
   rollout.pipeline_stage_num 2 and algorithm.max_staleness 1, so collection overlaps training;
 - hybrid: env on the first half, rollout on the second, the learner on all N (RLinf's default
-  recipe, scaled to N).
+  recipe, scaled to N);
+- overlapped: the baseline's one GPU with disaggregated's overlap (pipeline stages 2,
+  max_staleness 1): against the baseline, what overlapping the phases buys on one GPU.
 
     python benchmarks/placements.py --gpus 4 --placements baseline,collocated
     python benchmarks/placements.py --gpus 4 --placements disaggregated,hybrid
+    python benchmarks/placements.py --gpus 1 --placements baseline,overlapped \
+        --set rollout.engine=vllm --set rollout.gpu_memory_utilization=0.25 --tag _1gpu_vllm
     python benchmarks/placements.py --gpus 0 --size tiny --iterations 2 --servers 1 --envs 2  # CPU smoke
 
-For each placement: env steps/s over the iterations after the first (which holds the start-up),
+`--set KEY=VALUE` (repeatable) adds a config override to every placement of the command, so
+the baseline and the others differ only in placement. For each placement: env steps/s over the iterations after the first (which holds the start-up),
 and the median seconds of each learner phase (collect_wait, prepare, update, checkpoint,
 publish). Rollout replicas: one per rollout GPU; env servers: `--servers` spread over the env
 GPUs. One JSON per placement under --out (and $OUT), so that placements run in separate calls
@@ -32,7 +37,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PLACEMENTS = ("baseline", "collocated", "disaggregated", "hybrid")
+sys.path.insert(0, str(REPO))
+PLACEMENTS = ("baseline", "collocated", "disaggregated", "hybrid", "overlapped")
 PHASES = ("collect_wait", "prepare", "update", "checkpoint", "publish")
 
 
@@ -45,19 +51,20 @@ def placement_overrides(name: str, gpus: int) -> list[str]:
     the placement's other settings kept: a smoke test of this script)."""
     # Disaggregated: collection of the next version overlaps the update of this one.
     extra = ["rollout.pipeline_stage_num=2", "algorithm.max_staleness=1"]
-    extra = extra if name == "disaggregated" else []
+    extra = extra if name in ("disaggregated", "overlapped") else []
     if gpus == 0:
         return [
             'cluster.component_placement={"actor,rollout,env": cpu}',
             "rollout.replicas=1",
             *extra,
         ]
-    if name != "baseline" and gpus < 2:
+    if name not in ("baseline", "overlapped") and gpus < 2:
         raise SystemExit(f"{name} needs at least 2 GPUs")
     half = gpus // 2
     first, second, every = _ranks(0, half - 1), _ranks(half, gpus - 1), _ranks(0, gpus - 1)
     spec, replicas = {
         "baseline": ('{"actor,rollout,env": 0}', 1),
+        "overlapped": ('{"actor,rollout,env": 0}', 1),
         "collocated": (f'{{"actor,rollout,env": {every}}}', gpus),
         "disaggregated": (f"{{env: {first}, rollout: {first}, actor: {second}}}", half),
         "hybrid": (f"{{env: {first}, rollout: {second}, actor: {every}}}", gpus - half),
@@ -92,8 +99,9 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
 def run_placement(name: str, args: argparse.Namespace, checkpoint: str, runs: Path) -> dict:
     experiment = f"placement_{name}"
     overrides = common_overrides(args, checkpoint, runs) + placement_overrides(name, args.gpus)
+    overrides += args.set
     overrides.append(f"runner.logger.experiment_name={experiment}")
-    log = Path(args.out) / f"{experiment}.log"
+    log = Path(args.out) / f"{experiment}{args.tag}.log"
     t0 = time.perf_counter()
     if not args.results_only:
         with open(log, "w") as f:
@@ -157,6 +165,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/placements")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "placements"))
     ap.add_argument("--tag", default="", help="suffix of the result files")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every placement (repeatable)")  # fmt: skip
     ap.add_argument(
         "--results-only",
         action="store_true",
@@ -167,11 +177,17 @@ def main() -> None:
     unknown = set(names) - set(PLACEMENTS)
     if unknown:
         raise SystemExit(f"unknown placements {sorted(unknown)}; choose from {PLACEMENTS}")
-    for name in names:  # refuse before anything starts
-        placement_overrides(name, args.gpus)
     work, out = Path(args.work), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     checkpoint = work / f"openvla-{args.size}-random"
+    from vla_rl.config.loader import ConfigError, load_config
+
+    for name in names:  # refuse a bad placement or --set before anything starts
+        try:
+            load_config(overrides=common_overrides(args, str(checkpoint), work / "runs")
+                        + placement_overrides(name, args.gpus) + args.set)  # fmt: skip
+        except ConfigError as e:
+            raise SystemExit(f"{name}: {e}") from None
+    out.mkdir(parents=True, exist_ok=True)
     if not (checkpoint / "config.json").exists():
         subprocess.run([sys.executable, str(REPO / "benchmarks" / "random_checkpoint.py"),
                         str(checkpoint), "--size", args.size,

@@ -114,6 +114,9 @@ def test_greedy_matches_torch_policy(engine, reference, batch):
     assert out.action_tokens.shape == (len(INSTRUCTIONS), 7)
     assert out.policy_version == 0 and engine.policy_version == 0
     assert engine.action_chunk == 1
+    # Where the call spent its time, for benchmarks/engine_throughput.py.
+    assert set(engine.last_act_seconds) == {"prompt_embeds", "generate"}
+    assert all(s > 0 for s in engine.last_act_seconds.values())
 
 
 @pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 20)])
