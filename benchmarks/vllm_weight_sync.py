@@ -12,8 +12,8 @@ push). Per push: the wall time of load_adapter (checks, staging, the switch) and
 itself (`last_sync_seconds`). After the last push, greedy actions on --batch random images
 against the torch policy carrying the same adapter (same checkpoint, same dtype, on --device):
 the share of equal action tokens and the largest log-prob difference. The baseline is the other
-mode in the same command (`--sync merge lora`); vLLM's LoRA path crashed on the GPU with prompt
-embeddings (vLLM 0.24.0), in which case its row records the error.
+mode in the same command (`--sync merge lora`); a mode that fails (vLLM's LoRA path crashed on
+the GPU with prompt embeddings when the LM head carried LoRA) records the error in its row.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Policy updates into vLLM by merging the LoRA into the LLM's weights, inside vLLM's workers.
 
-vLLM's own LoRA path (a `LoRARequest` per version) crashed its engine on the GPU together with
-prompt embeddings (an illegal memory access in its LoRA logits kernel), and serving a LoRA costs
-its punica kernels on every step. RL frameworks sync weights into vLLM instead: this class is
+vLLM's own LoRA path (a `LoRARequest` per version) costs its punica kernels on every step, and
+with vLLM's default targets (the LM head included) it crashed the engine on the GPU together with
+prompt embeddings (an illegal memory access in its LoRA logits kernel; with the decoder's linear
+layers only, as VLLMEngine asks, it ran on an H200). RL frameworks sync weights into vLLM instead: this class is
 mixed into each vLLM worker (`LLM(worker_extension_cls=...)`) and called through
 `LLM.collective_rpc`:
 
