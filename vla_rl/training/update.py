@@ -101,6 +101,17 @@ class PPOUpdateConfig:
             raise ValueError("train_policy=False (critic warm-up) needs a critic: value_coef > 0")
 
 
+def trainable_split(
+    policy: OpenVLAPolicy,
+) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """The trainable parameters as (value head, the rest: the policy's adapters)."""
+    head, rest = [], []
+    for name, p in policy.named_parameters():
+        if p.requires_grad:
+            (head if name.startswith("value_head.") else rest).append(p)
+    return head, rest
+
+
 def make_optimizer(
     policy: OpenVLAPolicy,
     lr: float,
@@ -111,14 +122,7 @@ def make_optimizer(
 ) -> torch.optim.AdamW:
     """AdamW with a separate learning rate for the value head (it starts from scratch)."""
     reshard(policy)  # the optimizer must hold the sharded parameters, not gathered copies
-    head = [
-        p for n, p in policy.named_parameters() if p.requires_grad and n.startswith("value_head.")
-    ]
-    rest = [
-        p
-        for n, p in policy.named_parameters()
-        if p.requires_grad and not n.startswith("value_head.")
-    ]
+    head, rest = trainable_split(policy)
     return torch.optim.AdamW(
         [{"params": rest, "lr": lr}, {"params": head, "lr": value_lr}],
         betas=betas,
@@ -210,10 +214,7 @@ def ppo_update(
     # A critic warm-up steps the value head only. The loss does not reach the other weights, but
     # no_shard's all-reduce gives them zero gradients, on which AdamW would still move them
     # (momentum, weight decay): their gradients are dropped before the step.
-    frozen = [] if cfg.train_policy else [
-        p for n, p in policy.named_parameters()
-        if p.requires_grad and not n.startswith("value_head.")
-    ]  # fmt: skip
+    frozen = [] if cfg.train_policy else trainable_split(policy)[1]
     mini_size = max(1, n // cfg.num_mini_batches)
     for _ in range(cfg.update_epochs):
         order = torch.randperm(n, generator=generator)
