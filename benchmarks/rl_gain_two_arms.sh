@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 9's base -> PPO and GRPO table in one job (measured on the lent nvidia-h200-x2, 32 cores):
-#   1. the base on GPU 0 (noise-0.3 expert demos -> BC $BC_STEPS steps of a $SIZE model -> its
+#   1. the base on GPU 0 ($DEMOS noise-0.3 expert demos -> BC $BC_STEPS steps of a $SIZE model -> its
 #      table on every split),
 #   2. PPO and GRPO (groups of 8 from one start) side by side from that base, 32 envs each, on
 #      GPU $PPO_GPU and GPU $GRPO_GPU, each stopped after $MINUTES of training,
@@ -20,6 +20,7 @@ LR=${LR:-1e-3}
 SIZE=${SIZE:-tiny}         # the BC model: tiny (4.4M, what was measured) or small (25M)
 BC_STEPS=${BC_STEPS:-800}     # one or more (space-separated): candidates, the one nearest 35% wins
 SELECT_EPISODES=${SELECT_EPISODES:-8}
+DEMOS=${DEMOS:-100}          # noise-0.3 expert demonstrations the base is cloned from
 PPO_GPU=${PPO_GPU:-0}
 GRPO_GPU=${GRPO_GPU:-0}
 PPO_SERVERS=${PPO_SERVERS:-16}
@@ -30,7 +31,7 @@ A=(--model openvlaoft --chunk 5 --work "$W" --out "$W/out" --eval-episodes 200)
 # shellcheck disable=SC2206,SC2086  # BC_STEPS and the *_ARGS are lists, split on purpose
 RL=(--base "$W/out/base" --lr "$LR" --update-epochs 2 --ignore-terminations --reward-mode sparse
     --eval-every 1000 --iterations 1000 --save-every 10 --minutes "$MINUTES" ${RL_ARGS:-})
-CUDA_VISIBLE_DEVICES=0 python3 benchmarks/rl_gain.py base "${A[@]}" --demos 100 --demo-noise 0.3 \
+CUDA_VISIBLE_DEVICES=0 python3 benchmarks/rl_gain.py base "${A[@]}" --demos "$DEMOS" --demo-noise 0.3 \
     --size "$SIZE" --bc-steps $BC_STEPS --select-episodes "$SELECT_EPISODES" --target-base 0.35 \
     >"$W/base.log" 2>&1 || {
     echo "base failed" >"$W/done"; exit 1; }
