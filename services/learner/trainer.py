@@ -1,5 +1,8 @@
 """The learner's loop: gather one iteration of segments, update the policy with PPO (GAE or GRPO
 advantages), commit (checkpoint), publish adapter v+1 to the rollout replicas, then XACK.
+With max_staleness > 0 the publish runs in the background while the next iteration is gathered
+and prepared (collection may run a version behind, so nothing waits for it); the next publish,
+and the end of the run, wait for it first, and its segments are acknowledged then.
 
 Everything the loop talks to comes in as an object (buffer, adapter publisher, metric logger), so
 it runs the same under `vla-rl train`, in tests and under torchrun. Under torchrun (FSDP) every
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -139,6 +143,9 @@ class Learner:
         self.earlier_launch_dropped = 0
         self.duplicates_dropped = 0
         self.main = is_main()
+        # A publish in the background (max_staleness > 0) and the segment ids it acknowledges.
+        self._publishing: tuple[Future, list[str]] | None = None
+        self._publisher: ThreadPoolExecutor | None = None
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self, blob: bytes, optim_state: dict) -> Path:
@@ -215,7 +222,8 @@ class Learner:
                     "for this run into this buffer: see their logs"
                 )
             if now - last_check > 2.0:
-                self.while_waiting()
+                if self._publishing is None or self._publishing[0].done():
+                    self.while_waiting()  # (a resync beside a running publish would race it)
                 last_check = now
             if now - logged_at > self.loop.wait_log_s:
                 log.info("waiting: %s", waiting_message(got, want, self.iteration + 1))
@@ -288,9 +296,18 @@ class Learner:
             self.save_checkpoint(blob, optim)
         t3 = time.monotonic()
         self.phase = "publishing"
-        self.publish(blob, self.policy_version)
+        entry_ids = [r.entry_id for r in received]
+        self.finish_publish()  # the previous version's first: replicas get versions in order
+        if self.loop.max_staleness > 0:
+            # Collection may run a version behind, so nothing needs this push before the next
+            # iteration's gather and prepare: it runs beside them. Checkpoint first, as always.
+            self._publisher = self._publisher or ThreadPoolExecutor(1, "vla-rl-publish")
+            future = self._publisher.submit(self.publish, blob, self.policy_version)
+            self._publishing = (future, entry_ids)
+        else:
+            self.publish(blob, self.policy_version)
+            self.buffer.ack(entry_ids)
         t4 = time.monotonic()
-        self.buffer.ack([r.entry_id for r in received])
         metrics.update(stats)
         metrics.update(env_metrics(segments))
         metrics.update(
@@ -317,9 +334,37 @@ class Learner:
         self.phase = "collecting"
         return metrics
 
+    def finish_publish(self) -> None:
+        """Wait for the publish running in the background, if any, and acknowledge its
+        iteration's segments; a failed publish raises here."""
+        if self._publishing is None:
+            return
+        future, entry_ids = self._publishing
+        self._publishing = None
+        future.result()
+        self.buffer.ack(entry_ids)
+
     def run(self, stop: Callable[[], bool] = lambda: False, print_line=print) -> None:
         """Train until max_iterations or until `stop()` (read on rank 0, which tells the others
-        by broadcasting None instead of the segments)."""
+        by broadcasting None instead of the segments). Returns once the last version is
+        published."""
+        try:
+            self._run(stop, print_line)
+            self.finish_publish()
+        except BaseException:
+            if self._publishing is not None:  # let it end; its segments stay unacknowledged
+                future, _ = self._publishing
+                self._publishing = None
+                if future.exception() is not None:
+                    log.error("the background publish failed too: %s", future.exception())
+            raise
+        finally:
+            if self._publisher is not None:
+                self._publisher.shutdown(wait=True)
+                self._publisher = None
+        self.phase = "done"
+
+    def _run(self, stop: Callable[[], bool], print_line) -> None:
         while self.iteration < self.loop.max_iterations:
             self.phase = "collecting"
             t0 = time.monotonic()
@@ -340,7 +385,6 @@ class Learner:
                 self.iteration,
             )
             print_line(format_line(metrics, self.iteration, self.loop.max_iterations))
-        self.phase = "done"
 
 
 def env_metrics(segments) -> dict[str, float]:

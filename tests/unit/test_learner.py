@@ -5,6 +5,7 @@ decoupled PPO and empty batches. Each test here failed on the learner before iss
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -628,3 +629,83 @@ def test_critic_warmup_iterations_publish_the_policy_unchanged(prompts_of, tmp_p
     assert policy_weights_equal(start, warm) and not policy_weights_equal(warm, trained)
     assert any(not torch.equal(start[k], warm[k]) for k in start if "value_head" in k)
     assert "critic warm-up" in lines[0] and "critic warm-up" not in lines[1]
+
+
+# ------------------------------------------- publish beside the next iteration (max_staleness)
+
+
+class _SlowPublish:
+    """A publish that blocks until released, recording which versions started and finished."""
+
+    def __init__(self, fail_version: int | None = None) -> None:
+        self.release = threading.Event()
+        self.started: list[int] = []
+        self.finished: list[int] = []
+        self.fail_version = fail_version
+
+    def __call__(self, blob: bytes, version: int) -> None:
+        self.started.append(version)
+        assert self.release.wait(30), "never released"
+        if version == self.fail_version:
+            raise RuntimeError(f"replica refused version {version}")
+        self.finished.append(version)
+
+
+def _publishing_learner(publish, tmp_path, max_staleness: int, iterations: int = 2) -> Learner:
+    policy = apply_lora(build_tiny_policy(), LoRASettings(rank=4))
+    tokenizer = PromptTokenizer(build_tiny_tokenizer(), tiny_config().pad_token_id)
+    buffer = from_url("memory://", stream=f"publish-{tmp_path.name}", group="learner")
+    for iteration in range(iterations):
+        for i in range(2):  # collected by version 0: one version behind at iteration 2
+            buffer.put(make_segment(i, iteration=iteration, policy_version=0))
+    return Learner(
+        policy, tokenizer, make_optimizer(policy, 1e-3, 1e-3), buffer, publish,
+        PPOUpdateConfig(), AdvantageConfig(),
+        LoopSettings(2, iterations, checkpoint_dir=tmp_path, max_staleness=max_staleness,
+                     segment_timeout_s=30),
+    )  # fmt: skip
+
+
+def test_with_max_staleness_the_publish_runs_beside_the_next_iteration(tmp_path):
+    publish = _SlowPublish()
+    learner = _publishing_learner(publish, tmp_path, max_staleness=1)
+    learner.train_iteration(learner.gather())
+    # Back from iteration 1 while version 1 is still being pushed; its segments unacknowledged,
+    # its checkpoint already written (checkpoint before publish, as in the synchronous path).
+    assert publish.started == [1] and publish.finished == []
+    assert learner.buffer.pending() == 2
+    assert resume_source(tmp_path, None, warn=lambda *a: None) is not None
+    received = learner.gather()  # the next iteration's segments, gathered meanwhile
+    assert len(received) == 2
+    publish.release.set()
+    learner.train_iteration(received)  # waits for version 1 before pushing version 2
+    learner.finish_publish()
+    assert publish.started == [1, 2] and publish.finished == [1, 2]
+    assert learner.buffer.pending() == 0
+
+
+def test_on_policy_the_publish_is_done_when_the_iteration_ends(tmp_path):
+    publish = _SlowPublish()
+    publish.release.set()
+    learner = _publishing_learner(publish, tmp_path, max_staleness=0, iterations=1)
+    learner.train_iteration(learner.gather())
+    assert publish.finished == [1] and learner.buffer.pending() == 0
+
+
+def test_a_failed_background_publish_fails_the_run_and_keeps_its_segments(tmp_path):
+    publish = _SlowPublish(fail_version=1)
+    publish.release.set()
+    learner = _publishing_learner(publish, tmp_path, max_staleness=1)
+    with pytest.raises(RuntimeError, match="refused version 1"):
+        learner.run()
+    assert publish.finished == [] and 2 not in publish.started  # nothing after the failure
+    assert learner.buffer.pending() == 4  # iteration 1's are redelivered after a restart
+
+
+def test_run_returns_after_the_last_background_publish(tmp_path):
+    publish = _SlowPublish()
+    threading.Timer(0.5, publish.release.set).start()
+    learner = _publishing_learner(publish, tmp_path, max_staleness=1)
+    learner.run(print_line=lambda line: None)
+    assert publish.finished == [1, 2] and learner.buffer.pending() == 0
+    assert learner.phase == "done"
