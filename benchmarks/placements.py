@@ -18,11 +18,12 @@ with the 1-GPU run of that config as the baseline in the same command:
     python benchmarks/placements.py --gpus 0 --size tiny --iterations 2 --servers 1 --envs 2  # CPU smoke
 
 `--set KEY=VALUE` (repeatable) adds a config override to every placement of the command, so
-the baseline and the others differ only in placement. For each placement: env steps/s over the iterations after the first (which holds the start-up),
-and the median seconds of each learner phase (collect_wait, prepare, update, checkpoint,
-publish). Rollout replicas: one per rollout GPU; env servers: `--servers` spread over the env
-GPUs. One JSON per placement under --out (and $OUT), so that placements run in separate calls
-compare through their ratios to a baseline run in the same call.
+the baseline and the others differ only in placement. For each placement: env steps/s over the
+iterations after the first (which holds the start-up), and the median seconds of each learner
+phase (collect_wait, prepare, update, checkpoint, publish). Rollout replicas: one per rollout
+GPU; env servers: `--servers` spread over the env GPUs. One JSON per placement under --out (and
+$OUT), so that placements run in separate calls compare through their ratios to a baseline run
+in the same call.
 """
 
 from __future__ import annotations
