@@ -2,7 +2,7 @@
 advantages), commit (checkpoint), publish adapter v+1 to the rollout replicas, then XACK.
 With max_staleness > 0 the publish runs in the background while the next iteration is gathered
 and prepared (collection may run a version behind, so nothing waits for it); the next publish,
-and the end of the run, wait for it first, and its segments are acknowledged then.
+and the end of the run, wait for it first.
 
 Everything the loop talks to comes in as an object (buffer, adapter publisher, metric logger), so
 it runs the same under `vla-rl train`, in tests and under torchrun. Under torchrun (FSDP) every
@@ -143,8 +143,7 @@ class Learner:
         self.earlier_launch_dropped = 0
         self.duplicates_dropped = 0
         self.main = is_main()
-        # A publish in the background (max_staleness > 0) and the segment ids it acknowledges.
-        self._publishing: tuple[Future, list[str]] | None = None
+        self._publishing: Future | None = None  # a publish in the background (max_staleness > 0)
         self._publisher: ThreadPoolExecutor | None = None
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -222,7 +221,7 @@ class Learner:
                     "for this run into this buffer: see their logs"
                 )
             if now - last_check > 2.0:
-                if self._publishing is None or self._publishing[0].done():
+                if self._publishing is None or self._publishing.done():
                     self.while_waiting()  # (a resync beside a running publish would race it)
                 last_check = now
             if now - logged_at > self.loop.wait_log_s:
@@ -296,17 +295,17 @@ class Learner:
             self.save_checkpoint(blob, optim)
         t3 = time.monotonic()
         self.phase = "publishing"
-        entry_ids = [r.entry_id for r in received]
         self.finish_publish()  # the previous version's first: replicas get versions in order
         if self.loop.max_staleness > 0:
             # Collection may run a version behind, so nothing needs this push before the next
-            # iteration's gather and prepare: it runs beside them. Checkpoint first, as always.
+            # iteration's gather and prepare: it runs beside them. The checkpoint is written,
+            # so the segments are acknowledged now: a restart resumes after this iteration (and
+            # held longer, they could be claimed back from this consumer as idle).
             self._publisher = self._publisher or ThreadPoolExecutor(1, "vla-rl-publish")
-            future = self._publisher.submit(self.publish, blob, self.policy_version)
-            self._publishing = (future, entry_ids)
+            self._publishing = self._publisher.submit(self.publish, blob, self.policy_version)
         else:
             self.publish(blob, self.policy_version)
-            self.buffer.ack(entry_ids)
+        self.buffer.ack([r.entry_id for r in received])
         t4 = time.monotonic()
         metrics.update(stats)
         metrics.update(env_metrics(segments))
@@ -335,14 +334,10 @@ class Learner:
         return metrics
 
     def finish_publish(self) -> None:
-        """Wait for the publish running in the background, if any, and acknowledge its
-        iteration's segments; a failed publish raises here."""
-        if self._publishing is None:
-            return
-        future, entry_ids = self._publishing
-        self._publishing = None
-        future.result()
-        self.buffer.ack(entry_ids)
+        """Wait for the publish running in the background, if any; a failed one raises here."""
+        future, self._publishing = self._publishing, None
+        if future is not None:
+            future.result()
 
     def run(self, stop: Callable[[], bool] = lambda: False, print_line=print) -> None:
         """Train until max_iterations or until `stop()` (read on rank 0, which tells the others
@@ -352,11 +347,9 @@ class Learner:
             self._run(stop, print_line)
             self.finish_publish()
         except BaseException:
-            if self._publishing is not None:  # let it end; its segments stay unacknowledged
-                future, _ = self._publishing
-                self._publishing = None
-                if future.exception() is not None:
-                    log.error("the background publish failed too: %s", future.exception())
+            future, self._publishing = self._publishing, None
+            if future is not None and future.exception() is not None:  # waits for it to end
+                log.error("the background publish failed too: %s", future.exception())
             raise
         finally:
             if self._publisher is not None:
