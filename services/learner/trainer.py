@@ -298,9 +298,10 @@ class Learner:
         self.finish_publish()  # the previous version's first: replicas get versions in order
         if self.loop.max_staleness > 0:
             # Collection may run a version behind, so nothing needs this push before the next
-            # iteration's gather and prepare: it runs beside them. The checkpoint is written,
-            # so the segments are acknowledged now: a restart resumes after this iteration (and
-            # held longer, they could be claimed back from this consumer as idle).
+            # iteration's gather and prepare: it runs beside them. Its segments are acknowledged
+            # now, as the synchronous path does after its push (a checkpoint due this iteration
+            # is already written); held one more iteration, the buffer could claim them back
+            # from this consumer as idle.
             self._publisher = self._publisher or ThreadPoolExecutor(1, "vla-rl-publish")
             self._publishing = self._publisher.submit(self.publish, blob, self.policy_version)
         else:
