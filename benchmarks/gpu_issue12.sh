@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue 12's GPU figures on one lent GPU, in one background job, most wanted first; each step's
-# results are copied under $RES as soon as it ends, so a job cut short by the machine's time
-# limit keeps what finished. Run from the repository root after vLLM's and ManiSkill's install
-# calls (benchmarks/README.md), e.g. `RES=/tmp/res setsid nohup bash benchmarks/gpu_issue12.sh &`.
+# Issue 12's GPU figures on one lent GPU, in one background job, most wanted first; each step
+# writes its results under $RES as it ends, so a job cut short by the machine's time limit keeps
+# what finished. Run from the repository root on a machine with vLLM's CUDA build and ManiSkill
+# installed, e.g. `RES=/tmp/res setsid nohup bash benchmarks/gpu_issue12.sh &`.
 #   1. the engine table: vLLM vs torch engine vs HF generate, 7B shapes, batch 32..256;
 #   2. LoRA r32 weight sync into vLLM, merge then lora;
 #   3. the loop on one GPU (vLLM rollout, 32 envs): synchronous and overlapped, both with
