@@ -7,8 +7,9 @@ reaches vLLM in one of two ways (`weight_sync`): 'merge' (default) merges it int
 weights inside vLLM's workers (vllm_merge.py: no LoRA kernels at all; a copy of the base weights
 of the LoRA's layers is kept beside the model, about 2 bytes per LLM parameter in bf16), 'lora'
 hands it to vLLM as a peft folder (one LoRARequest per version, on the decoder's linear layers
-only: with the LM head too it crashed vLLM's engine on the GPU together with prompt embeddings). Its vision / projector LoRA and value head are copied into the
-torch modules. OpenVLA only: vLLM decodes causally, OFT does not.
+only: with the LM head too it crashed vLLM's engine on the GPU together with prompt embeddings).
+Its vision / projector LoRA and value head are copied into the torch modules. OpenVLA only: vLLM
+decodes causally, OFT does not.
 """
 
 from __future__ import annotations

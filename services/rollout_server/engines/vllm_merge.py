@@ -3,9 +3,9 @@
 vLLM's own LoRA path (a `LoRARequest` per version) costs its punica kernels on every step, and
 with vLLM's default targets (the LM head included) it crashed the engine on the GPU together with
 prompt embeddings (an illegal memory access in its LoRA logits kernel; with the decoder's linear
-layers only, as VLLMEngine asks, it ran on an H200). RL frameworks sync weights into vLLM instead: this class is
-mixed into each vLLM worker (`LLM(worker_extension_cls=...)`) and called through
-`LLM.collective_rpc`:
+layers only, as VLLMEngine asks, it ran on an H200). RL frameworks sync weights into vLLM
+instead: this class is mixed into each vLLM worker (`LLM(worker_extension_cls=...)`) and called
+through `LLM.collective_rpc`:
 
 - `vla_rl_keep_base(llm_file)` once: keep a copy of the base weights of every linear layer the
   LoRA can touch, in vLLM's fused layout (q, k, v stacked into qkv_proj; gate, up into
