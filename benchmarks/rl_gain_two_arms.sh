@@ -12,7 +12,8 @@
 # machine); it writes $W/{base,ppo,grpo}.log and everything rl_gain.py writes under $W/out, and
 # touches $W/done at the end. Extra rl_gain.py flags for both arms: RL_ARGS; for one arm: PPO_ARGS,
 # GRPO_ARGS (after RL_ARGS, so they win). Envs per arm: PPO_SERVERS x PPO_ENVS_PER_SERVER and
-# GRPO_SERVERS x 8 (one group of 8 per server).
+# GRPO_SERVERS x 8 (one group of 8 per server). ARMS (default "ppo grpo") runs fewer arms, e.g.
+# ARMS=grpo GRPO_SERVERS=8 for one arm with the whole machine's cores.
 set -u
 W=${W:-/tmp/rg}
 MINUTES=${MINUTES:-9}
@@ -26,6 +27,7 @@ GRPO_GPU=${GRPO_GPU:-0}
 PPO_SERVERS=${PPO_SERVERS:-16}
 PPO_ENVS_PER_SERVER=${PPO_ENVS_PER_SERVER:-2}
 GRPO_SERVERS=${GRPO_SERVERS:-4}
+ARMS=${ARMS:-ppo grpo}
 mkdir -p "$W"
 A=(--model openvlaoft --chunk 5 --work "$W" --out "$W/out" --eval-episodes 200)
 # shellcheck disable=SC2206,SC2086  # BC_STEPS and the *_ARGS are lists, split on purpose
@@ -37,12 +39,12 @@ CUDA_VISIBLE_DEVICES=0 python3 benchmarks/rl_gain.py base "${A[@]}" --demos "$DE
     echo "base failed" >"$W/done"; exit 1; }
 # PPO: 16 env servers x 2 envs by default, returns of order 1 (rewards x 0.02) so the critic does not swamp
 # the shared LoRA's gradient.
-CUDA_VISIBLE_DEVICES=$PPO_GPU python3 benchmarks/rl_gain.py rl "${A[@]}" "${RL[@]}" \
+[[ " $ARMS " == *" ppo "* ]] && CUDA_VISIBLE_DEVICES=$PPO_GPU python3 benchmarks/rl_gain.py rl "${A[@]}" "${RL[@]}" \
     --algorithm ppo --envs "$PPO_SERVERS" --envs-per-server "$PPO_ENVS_PER_SERVER" \
     --reward-scale 0.02 ${PPO_ARGS:-} >"$W/ppo.log" 2>&1 &
 # GRPO: 4 env servers x 8 envs by default, each server's 8 envs one group from one start; no critic, and the
 # rollout's log-probs serve as the old ones (no recompute forward in the learner).
-CUDA_VISIBLE_DEVICES=$GRPO_GPU python3 benchmarks/rl_gain.py rl "${A[@]}" "${RL[@]}" \
+[[ " $ARMS " == *" grpo "* ]] && CUDA_VISIBLE_DEVICES=$GRPO_GPU python3 benchmarks/rl_gain.py rl "${A[@]}" "${RL[@]}" \
     --algorithm grpo --group-size 8 --envs "$GRPO_SERVERS" --envs-per-server 8 \
     --set algorithm.recompute_logprobs=false ${GRPO_ARGS:-} >"$W/grpo.log" 2>&1 &
 wait
