@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
+from torch.distributed.tensor import DTensor
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script by torchrun
@@ -126,6 +127,36 @@ def critic_warmup(strategy: str, batch: TrainBatch, device) -> dict[str, bool]:
     }
 
 
+def bf16_masters(strategy: str, batch: TrainBatch, device) -> dict[str, bool]:
+    """The policy in bf16 (actor.model.precision bf16): two updates with a checkpoint round trip
+    between them. AdamW steps fp32 masters of the bf16 LoRA and value head; they stay fp32
+    through the sharded state dict, and each parameter is its master rounded."""
+    policy = distributed.shard_policy(build_policy().to(device, torch.bfloat16), strategy)
+    optimizer = make_optimizer(policy, lr=1e-4, value_lr=3e-3)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    def rounded() -> bool:
+        return all(
+            torch.equal(local(optimizer.state[p]["master"]).to(torch.bfloat16), local(p))
+            for p in params
+        )
+
+    ppo_update(policy, optimizer, batch, UPDATE, torch.Generator().manual_seed(SEED))
+    after_one = rounded()
+    state = distributed.optimizer_state(policy, optimizer)
+    distributed.load_optimizer_state(policy, optimizer, state if distributed.rank() == 0 else {})
+    fp32 = all(
+        optimizer.state[p][k].dtype == torch.float32
+        for p in params
+        for k in ("master", "exp_avg", "exp_avg_sq")
+    )
+    ppo_update(policy, optimizer, batch, UPDATE, torch.Generator().manual_seed(SEED + 1))
+    return {"rounded_after_one": after_one, "fp32_after_load": fp32, "rounded_after_two": rounded()}
+
+
 def same_tensors(blob_a: bytes, blob_b: bytes) -> bool:
     """Adapter blobs hold the same tensors (their bytes may differ: safetensors writes the
     metadata keys in hash order)."""
@@ -174,6 +205,7 @@ def main(out_dir: Path) -> None:
                 torch.distributed.all_gather_object(every, mine)
                 out["optimizer_same_on_every_rank"] = len(set(every)) == 1
     out["warmup"] = critic_warmup(strategy, batch, info.device)
+    out["bf16"] = bf16_masters(strategy, batch, info.device)
     if info.is_main:
         torch.save(out, out_dir)
     distributed.barrier()

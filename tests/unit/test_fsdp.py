@@ -133,6 +133,10 @@ def test_two_process_fsdp_update_equals_single_process(tmp_path, strategy, reduc
         assert torch.allclose(got["probes"][key], value, rtol=1e-5, atol=1e-6), key
     # A critic warm-up step moves the value head alone on every strategy.
     assert got["warmup"] == {"policy_unchanged": True, "head_moved": True}
+    # In bf16 the optimizer steps fp32 masters through the shards and a checkpoint round trip.
+    assert got["bf16"] == dict.fromkeys(
+        ("rounded_after_one", "fp32_after_load", "rounded_after_two"), True
+    )
     # The optimizer state, gathered by name, matches and loads back through the shards.
     assert got["adapter_round_trip"]
     assert got.get("optimizer_same_on_every_rank", strategy != "no_shard")

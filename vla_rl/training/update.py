@@ -33,6 +33,7 @@ from .distributed import (
     reshard,
     set_gradient_sync,
 )
+from .optim import MasterWeightAdamW
 
 
 @dataclass
@@ -120,10 +121,11 @@ def make_optimizer(
     weight_decay: float = 0.0,
     eps: float = 1e-8,
 ) -> torch.optim.AdamW:
-    """AdamW with a separate learning rate for the value head (it starts from scratch)."""
+    """AdamW with a separate learning rate for the value head (it starts from scratch), and fp32
+    master copies of parameters stored in bf16 (see optim.py: bf16 alone loses small updates)."""
     reshard(policy)  # the optimizer must hold the sharded parameters, not gathered copies
     head, rest = trainable_split(policy)
-    return torch.optim.AdamW(
+    return MasterWeightAdamW(
         [{"params": rest, "lr": lr}, {"params": head, "lr": value_lr}],
         betas=betas,
         eps=eps,

@@ -1,0 +1,124 @@
+"""MasterWeightAdamW: bf16 LoRA and value-head parameters follow the fp32 trajectory (plain
+AdamW on bf16 loses small updates), fp32 parameters are stepped exactly as by AdamW, an adapter
+written into the parameters from outside is kept, and a checkpointed optimizer resumes exactly."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from vla_rl.models import tiny_config
+from vla_rl.models.lora import LoRASettings, apply_lora
+from vla_rl.models.tiny import build_tiny_policy
+from vla_rl.training.distributed import load_optimizer_state, optimizer_state
+from vla_rl.training.optim import MasterWeightAdamW
+from vla_rl.training.update import make_optimizer
+
+LR, VALUE_LR = 1e-4, 3e-3  # RLinf's 7B actor lr and our value-head default
+
+
+def _policy(dtype: torch.dtype = torch.float32):
+    return apply_lora(build_tiny_policy(tiny_config(), seed=0), LoRASettings(rank=4, alpha=8)).to(
+        dtype
+    )
+
+
+def _trainable(policy) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+
+
+def _set_grads(policies, seed: int) -> None:
+    """The same random gradients (rounded to bf16, so every policy can hold them exactly)."""
+    g = torch.Generator().manual_seed(seed)
+    for params in zip(*(_trainable(p) for p in policies), strict=True):
+        grad = torch.randn(params[0][1].shape, generator=g).to(torch.bfloat16)
+        for _, p in params:
+            p.grad = grad.to(p.dtype)
+
+
+def _fp32_twin(low):
+    """An fp32 copy of a bf16 policy with the same (exactly representable) values."""
+    return copy.deepcopy(low).to(torch.float32)
+
+
+def test_bf16_parameters_follow_the_fp32_trajectory_where_plain_adamw_loses_updates():
+    low = _policy(torch.bfloat16)
+    ref, plain = _fp32_twin(low), copy.deepcopy(low)
+    opt_low, opt_ref = make_optimizer(low, LR, VALUE_LR), make_optimizer(ref, LR, VALUE_LR)
+    opt_plain = torch.optim.AdamW(
+        [{"params": [p for _, p in _trainable(plain)]}], lr=LR, weight_decay=0.0
+    )
+    assert isinstance(opt_low, MasterWeightAdamW)
+    for step in range(10):
+        _set_grads([low, ref, plain], seed=step)
+        for opt in (opt_low, opt_ref, opt_plain):
+            opt.step()
+    kept = lost = 0
+    for (name, p_low), (_, p_ref), (_, p_plain) in zip(
+        _trainable(low), _trainable(ref), _trainable(plain), strict=True
+    ):
+        master = opt_low.state[p_low]["master"]
+        assert master.dtype == torch.float32
+        assert torch.equal(master, p_ref), name  # the fp32 trajectory, bit for bit
+        assert torch.equal(p_low, p_ref.to(torch.bfloat16)), name  # rounded into the model
+        if "lora_A" in name:  # A starts at random values, where lr 1e-4 is below bf16's step
+            kept += int((p_plain == p_ref.to(torch.bfloat16)).sum())
+            lost += int((p_plain != p_ref.to(torch.bfloat16)).sum())
+    assert lost > kept  # why the masters exist: plain AdamW on bf16 left most of A behind
+
+
+def test_fp32_parameters_are_stepped_exactly_as_by_adamw():
+    mine = _policy()
+    theirs = copy.deepcopy(mine)
+    opt = make_optimizer(mine, LR, VALUE_LR)
+    head = [p for n, p in _trainable(theirs) if n.startswith("value_head.")]
+    rest = [p for n, p in _trainable(theirs) if not n.startswith("value_head.")]
+    ref = torch.optim.AdamW(
+        [{"params": rest, "lr": LR}, {"params": head, "lr": VALUE_LR}], weight_decay=0.0
+    )
+    for step in range(5):
+        _set_grads([mine, theirs], seed=step)
+        opt.step()
+        ref.step()
+    for (name, a), (_, b) in zip(_trainable(mine), _trainable(theirs), strict=True):
+        assert torch.equal(a, b), name
+        assert "master" not in opt.state[a]
+
+
+def test_a_parameter_written_from_outside_is_kept_not_overwritten_by_its_master():
+    policy = _policy(torch.bfloat16)
+    opt = make_optimizer(policy, LR, VALUE_LR)
+    for step in range(3):
+        _set_grads([policy], seed=step)
+        opt.step()
+    name, p = next((n, p) for n, p in _trainable(policy) if "lora_A" in n)
+    loaded = torch.randn(p.shape).to(torch.bfloat16)  # e.g. an adapter loaded into the learner
+    with torch.no_grad():
+        p.copy_(loaded)
+    for group in opt.param_groups:  # a step that moves nothing: lr 0
+        group["lr"] = 0.0
+    _set_grads([policy], seed=99)
+    opt.step()
+    assert torch.equal(p, loaded), name
+    assert torch.equal(opt.state[p]["master"], loaded.float())
+
+
+def test_a_checkpointed_optimizer_resumes_with_its_masters_exactly():
+    a = _policy(torch.bfloat16)
+    opt_a = make_optimizer(a, LR, VALUE_LR)
+    for step in range(3):
+        _set_grads([a], seed=step)
+        opt_a.step()
+    saved = copy.deepcopy(optimizer_state(a, opt_a))
+    assert any("master" in s for s in saved["state"].values())
+    b = copy.deepcopy(a)  # the parameters come back from the checkpoint's adapter
+    opt_b = make_optimizer(b, LR, VALUE_LR)
+    load_optimizer_state(b, opt_b, saved)
+    for step in range(3, 6):
+        _set_grads([a, b], seed=step)
+        opt_a.step()
+        opt_b.step()
+    for (name, pa), (_, pb) in zip(_trainable(a), _trainable(b), strict=True):
+        assert torch.equal(pa, pb), name
+        assert torch.equal(opt_a.state[pa]["master"], opt_b.state[pb]["master"]), name
