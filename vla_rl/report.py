@@ -96,6 +96,23 @@ def read_scalars(tensorboard_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(by_step.items()) for tag, by_step in latest.items()}
 
 
+SMOOTHING_WINDOW = 10  # iterations; one iteration's success is a few dozen episodes' mean
+
+
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    """The mean of each value and the up to `window - 1` before it (a trailing moving average:
+    the curve at an iteration uses nothing the run had not seen yet)."""
+    if window < 1:
+        raise ValueError("window must be >= 1")
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_learning_curve(run_dir: Path, env_steps_per_iteration: int, title: str = "") -> Path:
     """Write <run_dir>/learning_curve.png: training success_once per iteration and every
     evaluation's success rate with its 95% interval (from eval/step_N.json), against env steps."""
@@ -109,13 +126,14 @@ def plot_learning_curve(run_dir: Path, env_steps_per_iteration: int, title: str 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     train = scalars.get("env/success_once", [])
     if train:
-        ax.plot(
-            [s * env_steps_per_iteration for s, _ in train],
-            [v for _, v in train],
-            "-o",
-            markersize=3,
-            label="training episodes (env/success_once)",
-        )
+        steps = [s * env_steps_per_iteration for s, _ in train]
+        rates = [v for _, v in train]
+        smooth = len(train) >= SMOOTHING_WINDOW
+        ax.plot(steps, rates, "-o", markersize=3, alpha=0.35 if smooth else 1.0,
+                label="training episodes (env/success_once)")  # fmt: skip
+        if smooth:  # the per-iteration rate swings by +-0.1 at 32 episodes; its trend is the story
+            ax.plot(steps, trailing_mean(rates, SMOOTHING_WINDOW), "-", color="C0", linewidth=2.2,
+                    label=f"training, mean of the last {SMOOTHING_WINDOW} iterations")  # fmt: skip
     evaluations = sorted((run_dir / "eval").glob("step_*.json"))
     if evaluations:
         xs, ys, lows, highs = [], [], [], []

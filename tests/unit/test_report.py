@@ -8,10 +8,12 @@ import json
 import pytest
 
 from vla_rl.report import (
+    SMOOTHING_WINDOW,
     mcnemar_exact_p,
     paired_outcomes,
     plot_learning_curve,
     success_summary,
+    trailing_mean,
     wilson_interval,
 )
 
@@ -143,6 +145,42 @@ def test_learning_curve_png(tmp_path):
     # Not a blank canvas: the plot draws lines and markers in colour.
     colours = image.convert("RGB").getcolors(maxcolors=100_000)
     assert len(colours) > 50
+
+
+def test_trailing_mean():
+    assert trailing_mean([1.0, 0.0, 1.0, 0.0, 1.0], 2) == [1.0, 0.5, 0.5, 0.5, 0.5]
+    assert trailing_mean([0.2, 0.4, 0.9], 10) == pytest.approx([0.2, 0.3, 0.5])
+    assert trailing_mean([0.3, 0.7], 1) == [0.3, 0.7]
+    assert trailing_mean([], 3) == []
+    with pytest.raises(ValueError):
+        trailing_mean([1.0], 0)
+
+
+def test_a_curve_of_a_window_or_more_draws_its_trailing_mean(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from torch.utils.tensorboard import SummaryWriter
+
+    axes = []
+    subplots = plt.subplots
+
+    def keep_axes(*args, **kwargs):  # the figure plot_learning_curve draws, to read it back
+        fig, ax = subplots(*args, **kwargs)
+        axes.append(ax)
+        return fig, ax
+
+    monkeypatch.setattr(plt, "subplots", keep_axes)
+    rates = [0.3, 0.6] * SMOOTHING_WINDOW
+    for name, n in (("short", SMOOTHING_WINDOW - 1), ("long", len(rates))):
+        with SummaryWriter(str(tmp_path / name / "tensorboard")) as writer:
+            for step, value in enumerate(rates[:n], 1):
+                writer.add_scalar("env/success_once", value, step)
+        plot_learning_curve(tmp_path / name, env_steps_per_iteration=16, title=name)
+    short, long = axes
+    assert len(short.get_lines()) == 1  # too short to smooth: the raw rates alone
+    raw, mean = long.get_lines()
+    assert list(mean.get_ydata()) == pytest.approx(trailing_mean(rates, SMOOTHING_WINDOW))
+    assert mean.get_ydata()[-1] == pytest.approx(0.45)
+    assert "mean of the last" in long.get_legend().get_texts()[1].get_text()
 
 
 def test_a_resumed_run_keeps_one_value_per_step(tmp_path):
