@@ -146,6 +146,7 @@ def bf16_masters(strategy: str, batch: TrainBatch, device) -> dict[str, bool]:
 
     ppo_update(policy, optimizer, batch, UPDATE, torch.Generator().manual_seed(SEED))
     after_one = rounded()
+    masters = [local(optimizer.state[p]["master"]).clone() for p in params]
     state = distributed.optimizer_state(policy, optimizer)
     distributed.load_optimizer_state(policy, optimizer, state if distributed.rank() == 0 else {})
     fp32 = all(
@@ -153,8 +154,19 @@ def bf16_masters(strategy: str, batch: TrainBatch, device) -> dict[str, bool]:
         for p in params
         for k in ("master", "exp_avg", "exp_avg_sq")
     )
+    kept = all(
+        torch.equal(local(optimizer.state[p]["master"]), m)
+        for p, m in zip(params, masters, strict=True)
+    )
     ppo_update(policy, optimizer, batch, UPDATE, torch.Generator().manual_seed(SEED + 1))
-    return {"rounded_after_one": after_one, "fp32_after_load": fp32, "rounded_after_two": rounded()}
+    return {
+        "rounded_after_one": after_one,
+        "fp32_after_load": fp32,
+        "masters_kept_through_load": kept,
+        # Every step went on from the master it kept (none found stale and taken from p).
+        "never_reseeded": optimizer.masters_reseeded == 0,
+        "rounded_after_two": rounded(),
+    }
 
 
 def same_tensors(blob_a: bytes, blob_b: bytes) -> bool:

@@ -1,6 +1,7 @@
 """MasterWeightAdamW: bf16 LoRA and value-head parameters follow the fp32 trajectory (plain
 AdamW on bf16 loses small updates), fp32 parameters are stepped exactly as by AdamW, an adapter
-written into the parameters from outside is kept, and a checkpointed optimizer resumes exactly."""
+written into the parameters from outside is kept, a checkpointed optimizer resumes exactly (and
+one saved by plain AdamW, with bf16 moments, resumes too), and a closure runs first."""
 
 from __future__ import annotations
 
@@ -122,3 +123,56 @@ def test_a_checkpointed_optimizer_resumes_with_its_masters_exactly():
     for (name, pa), (_, pb) in zip(_trainable(a), _trainable(b), strict=True):
         assert torch.equal(pa, pb), name
         assert torch.equal(opt_a.state[pa]["master"], opt_b.state[pb]["master"]), name
+
+
+def test_a_checkpoint_of_plain_adamw_with_bf16_moments_resumes():
+    """Checkpoints written before the masters hold bf16 moments: they are widened, not refused."""
+    a = _policy(torch.bfloat16)
+    plain = torch.optim.AdamW([p for _, p in _trainable(a)], lr=LR, weight_decay=0.0)
+    _set_grads([a], seed=0)
+    plain.step()
+    saved = copy.deepcopy(optimizer_state(a, plain))
+    b = copy.deepcopy(a)
+    opt = MasterWeightAdamW([p for _, p in _trainable(b)], lr=LR, weight_decay=0.0)
+    load_optimizer_state(b, opt, saved)
+    _set_grads([b], seed=1)
+    opt.step()
+    for name, p in _trainable(b):
+        state = opt.state[p]
+        assert {state[k].dtype for k in ("master", "exp_avg", "exp_avg_sq")} == {torch.float32}
+        assert torch.equal(state["master"].to(torch.bfloat16), p), name
+
+
+def test_a_bf16_checkpoint_loads_into_an_fp32_learner_without_its_masters():
+    a = _policy(torch.bfloat16)
+    opt_a = make_optimizer(a, LR, VALUE_LR)
+    _set_grads([a], seed=0)
+    opt_a.step()
+    b = _fp32_twin(a)
+    opt_b = make_optimizer(b, LR, VALUE_LR)
+    load_optimizer_state(b, opt_b, copy.deepcopy(optimizer_state(a, opt_a)))
+    assert all("master" not in opt_b.state[p] for _, p in _trainable(b))
+
+
+def test_a_closure_is_evaluated_before_the_masters_step():
+    torch.manual_seed(0)
+    low = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    ref = copy.deepcopy(low).float()
+    x = torch.randn(16, 8)
+    opt_low = MasterWeightAdamW(low.parameters(), lr=LR, weight_decay=0.0)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.0)
+
+    def closure():
+        opt_low.zero_grad()
+        loss = low(x.to(torch.bfloat16)).float().square().mean()
+        loss.backward()
+        return loss
+
+    loss = opt_low.step(closure)
+    assert loss is not None  # the closure's loss is returned, as by torch's optimizers
+    for p_low, p_ref in zip(low.parameters(), ref.parameters(), strict=True):
+        p_ref.grad = p_low.grad.float()  # the closure's gradients, as the fp32 twin would get them
+    opt_ref.step()
+    for p_low, p_ref in zip(low.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(opt_low.state[p_low]["master"], p_ref)
+        assert torch.equal(p_low, p_ref.to(torch.bfloat16))
