@@ -38,6 +38,16 @@ def _set_grads(policies, seed: int) -> None:
             p.grad = grad.to(p.dtype)
 
 
+def _stepped_bf16(steps: int = 3):
+    """A bf16 policy and its optimizer after `steps` steps of random gradients."""
+    policy = _policy(torch.bfloat16)
+    opt = make_optimizer(policy, LR, VALUE_LR)
+    for step in range(steps):
+        _set_grads([policy], seed=step)
+        opt.step()
+    return policy, opt
+
+
 def _fp32_twin(low):
     """An fp32 copy of a bf16 policy with the same (exactly representable) values."""
     return copy.deepcopy(low).to(torch.float32)
@@ -88,11 +98,7 @@ def test_fp32_parameters_are_stepped_exactly_as_by_adamw():
 
 
 def test_a_parameter_written_from_outside_is_kept_not_overwritten_by_its_master():
-    policy = _policy(torch.bfloat16)
-    opt = make_optimizer(policy, LR, VALUE_LR)
-    for step in range(3):
-        _set_grads([policy], seed=step)
-        opt.step()
+    policy, opt = _stepped_bf16()
     name, p = next((n, p) for n, p in _trainable(policy) if "lora_A" in n)
     loaded = torch.randn(p.shape).to(torch.bfloat16)  # e.g. an adapter loaded into the learner
     with torch.no_grad():
@@ -106,11 +112,7 @@ def test_a_parameter_written_from_outside_is_kept_not_overwritten_by_its_master(
 
 
 def test_a_checkpointed_optimizer_resumes_with_its_masters_exactly():
-    a = _policy(torch.bfloat16)
-    opt_a = make_optimizer(a, LR, VALUE_LR)
-    for step in range(3):
-        _set_grads([a], seed=step)
-        opt_a.step()
+    a, opt_a = _stepped_bf16()
     saved = copy.deepcopy(optimizer_state(a, opt_a))
     assert any("master" in s for s in saved["state"].values())
     b = copy.deepcopy(a)  # the parameters come back from the checkpoint's adapter
@@ -144,10 +146,7 @@ def test_a_checkpoint_of_plain_adamw_with_bf16_moments_resumes():
 
 
 def test_a_bf16_checkpoint_loads_into_an_fp32_learner_without_its_masters():
-    a = _policy(torch.bfloat16)
-    opt_a = make_optimizer(a, LR, VALUE_LR)
-    _set_grads([a], seed=0)
-    opt_a.step()
+    a, opt_a = _stepped_bf16(steps=1)
     b = _fp32_twin(a)
     opt_b = make_optimizer(b, LR, VALUE_LR)
     load_optimizer_state(b, opt_b, copy.deepcopy(optimizer_state(a, opt_a)))
