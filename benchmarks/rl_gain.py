@@ -121,14 +121,18 @@ def phase_base(args: argparse.Namespace) -> None:
         if run_cli(*cmd, log=work / f"bc_{steps}.log") != 0:
             raise SystemExit("bc failed")
         previous, done = ckpt, steps
+        sampled = args.select_by == "sampled"
         table = eval_table(
-            args, str(ckpt), work / f"select_{steps}", None, "train", args.select_episodes
-        )
+            args, str(ckpt), work / f"select_{steps}", None, "train", args.select_episodes,
+            args.temperature if sampled else 0.0,
+        )  # fmt: skip
         candidates.append(
-            {"bc_steps": steps, "checkpoint": str(ckpt), "train": train_success(table)}
-        )
+            {"bc_steps": steps, "checkpoint": str(ckpt), "train": train_success(table),
+             "select_by": args.select_by}
+        )  # fmt: skip
         print(
-            f"[rl_gain] bc {steps} steps: greedy success {candidates[-1]['train']:.2f}", flush=True
+            f"[rl_gain] bc {steps} steps: {args.select_by} success {candidates[-1]['train']:.2f}",
+            flush=True,
         )
     best = min(candidates, key=lambda c: abs(c["train"] - args.target_base))
     base = out / "base"
@@ -257,6 +261,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bc-lr", type=float, default=3e-4)
     p.add_argument("--select-episodes", type=int, default=64)
     p.add_argument("--target-base", type=float, default=0.45)
+    p.add_argument("--select-by", choices=["greedy", "sampled"], default="greedy",
+                   help="pick the base by its greedy success or by its success sampled at "
+                        "--temperature (the policy RL trains)")  # fmt: skip
     # rl
     p.add_argument("--algorithm", choices=["ppo", "grpo"], default="ppo")
     p.add_argument("--base", default=None, help="the base checkpoint (phase base's out/base)")

@@ -21,6 +21,7 @@ LR=${LR:-1e-3}
 SIZE=${SIZE:-tiny}         # the BC model: tiny (4.4M, what was measured) or small (25M)
 BC_STEPS=${BC_STEPS:-800}     # one or more (space-separated): candidates, the one nearest 35% wins
 SELECT_EPISODES=${SELECT_EPISODES:-8}
+SELECT_BY=${SELECT_BY:-greedy}  # greedy or sampled: which success of the candidates --target-base reads
 DEMOS=${DEMOS:-100}          # noise-0.3 expert demonstrations the base is cloned from
 PPO_GPU=${PPO_GPU:-0}
 GRPO_GPU=${GRPO_GPU:-0}
@@ -35,6 +36,7 @@ RL=(--base "$W/out/base" --lr "$LR" --update-epochs 2 --ignore-terminations --re
     --eval-every 1000 --iterations 1000 --save-every 10 --minutes "$MINUTES" ${RL_ARGS:-})
 CUDA_VISIBLE_DEVICES=0 python3 benchmarks/rl_gain.py base "${A[@]}" --demos "$DEMOS" --demo-noise 0.3 \
     --size "$SIZE" --bc-steps $BC_STEPS --select-episodes "$SELECT_EPISODES" --target-base 0.35 \
+    --select-by "$SELECT_BY" \
     >"$W/base.log" 2>&1 || {
     echo "base failed" >"$W/done"; exit 1; }
 # PPO: 16 env servers x 2 envs by default, returns of order 1 (rewards x 0.02) so the critic does not swamp

@@ -174,22 +174,29 @@ class Launch:
         return new
 
     def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM to every child (last started first), SIGKILL after `grace_s`. Signals to this
-        process are ignored meanwhile: a second Ctrl-C must not leave children behind."""
+        """SIGTERM to the learner, then to every other child (last started first), each group
+        SIGKILLed after `grace_s`. Signals to this process are ignored meanwhile: a second Ctrl-C
+        must not leave children behind."""
         with signals_ignored():
             self._stop(grace_s)
 
     def _stop(self, grace_s: float) -> None:
-        for child in reversed(self.children):
-            if child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for child in reversed(self.children):
-            try:
-                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait()
+        # The learner alone first, while the buffer it reads and the replicas it pushes to are
+        # still up: it ends its phase and checkpoints the last iteration it trained. Stopped
+        # together, it waited on a Redis that was gone until the grace ran out and was killed.
+        learners = [c for c in self.children if c.name == "learner"]
+        others = [c for c in reversed(self.children) if c.name != "learner"]
+        for group in (learners, others):
+            for child in group:
+                if child.proc.poll() is None:
+                    child.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            for child in group:
+                try:
+                    child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    child.proc.kill()
+                    child.proc.wait()
         if self.memory_server is not None:
             self.memory_server.shutdown()
 

@@ -58,7 +58,8 @@ class LoopSettings:
     checkpoint_dir: Path
     """Where global_step_N/ checkpoints go."""
     save_interval: int = 1
-    """Checkpoint every this many iterations (the last one is always saved)."""
+    """Checkpoint every this many iterations. The last one trained is always saved, also when the
+    run is stopped early (SIGINT/SIGTERM, `--minutes`)."""
     keep_checkpoints: int = 2
     """Older checkpoints are deleted."""
     resume_dir: str | None = None
@@ -135,6 +136,7 @@ class Learner:
         self.generator = torch.Generator().manual_seed(seed)
         self.iteration = 0
         self.policy_version = 0
+        self.saved_iteration = 0  # the iteration of the newest checkpoint this run wrote or resumed
         self.phase = "starting"
         self.last_metrics: dict[str, float] = {}
         self._held: list[Received] = []  # segments of a later iteration (max_staleness > 0)
@@ -176,6 +178,7 @@ class Learner:
         load_optimizer_state(self.policy, self.optimizer, optim if self.main else {})
         self.iteration = state.iteration
         self.policy_version = state.policy_version
+        self.saved_iteration = state.iteration
         return True
 
     def publish_current(self) -> None:
@@ -289,6 +292,8 @@ class Learner:
             self.iteration >= self.loop.max_iterations
         )
         optim = optimizer_state(self.policy, self.optimizer) if save else None  # collective
+        if save:  # on every rank: save_last's collectives must run on all ranks or none
+            self.saved_iteration = self.iteration
         if not self.main:
             return metrics
         if save:
@@ -346,6 +351,7 @@ class Learner:
         published."""
         try:
             self._run(stop, print_line)
+            self.save_last()
             self.finish_publish()
         except BaseException:
             future, self._publishing = self._publishing, None
@@ -357,6 +363,20 @@ class Learner:
                 self._publisher.shutdown(wait=True)
                 self._publisher = None
         self.phase = "done"
+
+    def save_last(self) -> None:
+        """Checkpoint the last trained iteration if save_interval skipped it (all ranks call it;
+        the collectives run on each). A run stopped at iteration 35 with save_interval 10 keeps
+        the policy of iteration 35, not that of 30."""
+        if self.iteration == self.saved_iteration or self.loop.checkpoint_dir is None:
+            return
+        self.phase = "checkpointing"
+        blob = serialize_adapter_distributed(self.policy, self.policy_version)  # collective
+        optim = optimizer_state(self.policy, self.optimizer)  # collective
+        self.saved_iteration = self.iteration
+        if self.main:
+            path = self.save_checkpoint(blob, optim)
+            log.info("stopped at iteration %d: saved %s", self.iteration, path)
 
     def _run(self, stop: Callable[[], bool], print_line) -> None:
         while self.iteration < self.loop.max_iterations:

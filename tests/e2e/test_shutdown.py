@@ -180,10 +180,11 @@ def test_an_unknown_task_is_a_config_error_before_anything_starts(tmp_path, over
 
 @pytest.mark.slow
 def test_a_rerun_after_a_stop_without_checkpoint_finishes(tmp_path):
-    """Stopped after iteration 1 with no checkpoint written (save_interval -1: only at the end),
-    the same command run again starts at iteration 0 on the same Redis stream (AOF in the run
-    directory) and finishes. Segment ids used to repeat across launches: the rerun's were
-    dropped as duplicates of acked ones and the learner waited for segments forever."""
+    """Stopped after iteration 1 (save_interval -1: only at the end), the run checkpoints the
+    last iteration it trained. With that checkpoint removed (as after a crash), the same command
+    run again starts at iteration 0 on the same Redis stream (AOF in the run directory) and
+    finishes. Segment ids used to repeat across launches: the rerun's were dropped as
+    duplicates of acked ones and the learner waited for segments forever."""
     import shutil
 
     if shutil.which("redis-server") is None:
@@ -191,13 +192,18 @@ def test_a_rerun_after_a_stop_without_checkpoint_finishes(tmp_path):
     overrides = ("runner.max_epochs=3", "runner.save_interval=-1", "buffer.backend=redis")
     first = _start(tmp_path, *overrides)
     try:
-        _wait_for_line(first, "iter    1/3", timeout_s=300)
+        out = _wait_for_line(first, "iter    1/3", timeout_s=300)
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=60) == 130
+        out += first.stdout.read() or ""  # the learner logs to the launcher's console
     finally:
         if first.poll() is None:
             first.kill()
-    assert not list((tmp_path / "run" / "checkpoints").glob("global_step_*"))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (saved,) = checkpoints.glob("global_step_*")  # the end of a stopped run is an end too
+    last = int(saved.name.removeprefix("global_step_"))
+    assert last in (1, 2) and f"stopped at iteration {last}: saved" in out, out[-3000:]
+    shutil.rmtree(checkpoints)
     rerun = _start(tmp_path, *overrides)
     out, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, out[-3000:]

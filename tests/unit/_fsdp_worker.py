@@ -169,6 +169,43 @@ def bf16_masters(strategy: str, batch: TrainBatch, device) -> dict[str, bool]:
     }
 
 
+def stopped_run(
+    strategy: str, device, checkpoint_dir: Path, is_main: bool, save_interval: int
+) -> list[str]:
+    """Two learner iterations on every rank, then a stop read on rank 0. save_interval 10: the
+    last iteration's checkpoint is written at the stop, with every rank in its collectives;
+    save_interval 2: it was written by the interval, and no rank writes it again (a rank that
+    ran the collectives alone would hang). Returns the checkpoints written."""
+    from services.learner.batch import AdvantageConfig
+    from services.learner.trainer import Learner, LoopSettings
+    from tests.unit.test_learner import make_segment
+    from vla_rl.buffer import from_url
+    from vla_rl.training.demo import make_optimizer as make_demo_optimizer
+
+    policy = distributed.shard_policy(build_policy().to(device), strategy)
+    buffer = (
+        from_url("memory://", stream=f"stop-{strategy}-{save_interval}", group="learner")
+        if is_main
+        else None
+    )
+
+    def collect(version: int) -> None:  # rank 0's env servers: an iteration per version
+        for i in range(2):
+            buffer.put(make_segment(i, iteration=version, policy_version=version))
+
+    if is_main:
+        collect(0)
+    learner = Learner(
+        policy, PromptTokenizer(build_tiny_tokenizer(), tiny_config().pad_token_id),
+        make_demo_optimizer(policy, 1e-3, 1e-3), buffer,
+        (lambda blob, v: collect(v)) if is_main else None, PPOUpdateConfig(), AdvantageConfig(),
+        LoopSettings(2, 10, checkpoint_dir=checkpoint_dir, save_interval=save_interval,
+                     segment_timeout_s=60),
+    )  # fmt: skip
+    learner.run(stop=lambda: learner.iteration >= 2, print_line=lambda line: None)
+    return sorted(p.name for p in checkpoint_dir.glob("global_step_*"))
+
+
 def same_tensors(blob_a: bytes, blob_b: bytes) -> bool:
     """Adapter blobs hold the same tensors (their bytes may differ: safetensors writes the
     metadata keys in hash order)."""
@@ -218,6 +255,10 @@ def main(out_dir: Path) -> None:
                 out["optimizer_same_on_every_rank"] = len(set(every)) == 1
     out["warmup"] = critic_warmup(strategy, batch, info.device)
     out["bf16"] = bf16_masters(strategy, batch, info.device)
+    out["stopped_run"] = [
+        stopped_run(strategy, info.device, out_dir.parent / f"ckpt{n}", info.is_main, n)
+        for n in (10, 2)
+    ]
     if info.is_main:
         torch.save(out, out_dir)
     distributed.barrier()

@@ -131,6 +131,9 @@ def test_two_process_fsdp_update_equals_single_process(tmp_path, strategy, reduc
     # The no-grad methods the learner calls (recompute, generate) run on the sharded policy.
     for key, value in ref["probes"].items():
         assert torch.allclose(got["probes"][key], value, rtol=1e-5, atol=1e-6), key
+    # A run stopped at iteration 2 checkpoints it with every rank taking part (save_interval 10),
+    # or has it already (save_interval 2).
+    assert got["stopped_run"] == [["global_step_2"], ["global_step_2"]]
     # A critic warm-up step moves the value head alone on every strategy.
     assert got["warmup"] == {"policy_unchanged": True, "head_moved": True}
     # In bf16 the optimizer steps fp32 masters through the shards and a checkpoint round trip.

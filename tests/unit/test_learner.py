@@ -32,7 +32,12 @@ from vla_rl.models import PromptTokenizer, tiny_config
 from vla_rl.models.lora import LoRASettings, apply_lora
 from vla_rl.models.tiny import build_tiny_policy, build_tiny_tokenizer
 from vla_rl.training import PPOUpdateConfig, TrainBatch, ppo_update
-from vla_rl.training.checkpoints import CheckpointState, resume_source, save_checkpoint
+from vla_rl.training.checkpoints import (
+    CheckpointState,
+    read_checkpoint,
+    resume_source,
+    save_checkpoint,
+)
 from vla_rl.training.demo import make_optimizer
 from vla_rl.training.distributed import optimizer_state, serialize_adapter_distributed
 
@@ -711,3 +716,50 @@ def test_run_returns_after_the_last_background_publish(tmp_path):
     learner.run(print_line=lambda line: None)
     assert publish.finished == [1, 2] and learner.buffer.pending() == 0
     assert learner.phase == "done"
+
+
+def _stopping_learner(tmp_path, save_interval: int, iterations: int = 3) -> Learner:
+    """A learner whose buffer holds `iterations` iterations of segments, checkpointing every
+    save_interval of at most 10 iterations."""
+    policy = apply_lora(build_tiny_policy(), LoRASettings(rank=4))
+    tokenizer = PromptTokenizer(build_tiny_tokenizer(), tiny_config().pad_token_id)
+    buffer = from_url("memory://", stream=f"stop-{tmp_path.name}", group="learner")
+
+    def collect(version: int) -> None:  # the env servers: one iteration per published version
+        if version < iterations:
+            for i in range(2):
+                buffer.put(make_segment(i, iteration=version, policy_version=version))
+
+    collect(0)
+    return Learner(
+        policy, tokenizer, make_optimizer(policy, 1e-3, 1e-3), buffer, lambda blob, v: collect(v),
+        PPOUpdateConfig(), AdvantageConfig(),
+        LoopSettings(2, 10, checkpoint_dir=tmp_path, save_interval=save_interval,
+                     segment_timeout_s=30),
+    )  # fmt: skip
+
+
+def test_a_stopped_run_checkpoints_its_last_iteration(tmp_path):
+    """Stopped after 3 iterations with save_interval 10: the policy of iteration 3 is saved, and
+    a restart resumes from it (it used to keep nothing newer than the last multiple of 10)."""
+    learner = _stopping_learner(tmp_path, save_interval=10)
+    learner.run(stop=lambda: learner.iteration >= 3, print_line=lambda line: None)
+    assert learner.iteration == 3 and learner.phase == "done"
+    latest = resume_source(tmp_path, None, warn=lambda *a: None)
+    assert latest is not None and latest.name == "global_step_3"
+    state, _, _ = read_checkpoint(latest)
+    assert (state.iteration, state.policy_version) == (3, 3)
+    resumed = _stopping_learner(tmp_path, save_interval=10, iterations=0)
+    assert resumed.resume() and resumed.iteration == 3
+    trained = dict(learner.policy.named_parameters())
+    lora = [n for n, p in resumed.policy.named_parameters() if "lora_" in n]
+    assert lora and all(torch.equal(resumed.policy.get_parameter(n), trained[n]) for n in lora)
+
+
+def test_a_run_stopped_before_training_or_just_after_a_checkpoint_writes_nothing_more(tmp_path):
+    idle = _stopping_learner(tmp_path / "idle", save_interval=10)
+    idle.run(stop=lambda: True, print_line=lambda line: None)
+    assert idle.iteration == 0 and not (tmp_path / "idle").exists()
+    saved = _stopping_learner(tmp_path / "saved", save_interval=2)
+    saved.run(stop=lambda: saved.iteration >= 2, print_line=lambda line: None)
+    assert sorted(p.name for p in (tmp_path / "saved").glob("global_step_*")) == ["global_step_2"]

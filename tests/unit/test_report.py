@@ -4,6 +4,7 @@ and the learning-curve PNG from a real TensorBoard log."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -224,3 +225,42 @@ def test_rl_gain_tests_each_table_against_the_base(tmp_path, capsys):
     other = {**greedy, "episodes": {"train": _episodes([True] * 20, first_seed=7)}}
     found = against_base(tmp_path, other, None, "ppo")
     assert "different starts" in found["greedy"]["error"]
+
+
+@pytest.mark.parametrize("select_by, chosen", [("greedy", 1600), ("sampled", 800)])
+def test_rl_gain_picks_the_base_by_the_success_asked_for(tmp_path, monkeypatch, select_by, chosen):
+    """--select-by sampled scores each BC candidate with actions sampled at --temperature and
+    picks the one nearest --target-base by that score (a broad early candidate: good greedy,
+    poor sampled); greedy, the default, by its argmax actions. vla-rl itself is not run here:
+    its commands and tables are stood in for."""
+    import benchmarks.rl_gain as rl_gain
+
+    def fake_cli(*cmd, log=None, deadline_s=None):
+        if cmd[0] == "bc":
+            Path(cmd[cmd.index("--out") + 1]).mkdir(parents=True)
+        return 0
+
+    # (bc steps, temperature) -> success on the 8 selection episodes
+    success = {(800, 0.0): 6, (800, 1.0): 3, (1600, 0.0): 3, (1600, 1.0): 6}
+    asked = []
+
+    def fake_table(args, ckpt, out, adapter, splits=None, episodes=None, temperature=0.0):
+        steps = int(Path(ckpt).name.split("_")[-1]) if "bc_" in ckpt else 0
+        asked.append((steps, temperature))
+        ok = success.get((steps, temperature), 4)
+        return _table("t", [i < ok for i in range(8)])
+
+    monkeypatch.setattr(rl_gain, "run_cli", fake_cli)
+    monkeypatch.setattr(rl_gain, "eval_table", fake_table)
+    (tmp_path / "work" / "demos" / "PushCube-v1_noise0").mkdir(parents=True)
+    (tmp_path / "work" / "demos" / "PushCube-v1_noise0" / "meta.json").write_text("{}")
+    args = rl_gain.parse_args(
+        ["base", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+         "--bc-steps", "800", "1600", "--target-base", "0.35", "--select-episodes", "8",
+         "--select-by", select_by, "--sampled-splits", ""]
+    )  # fmt: skip
+    rl_gain.phase_base(args)
+    temperature = 1.0 if select_by == "sampled" else 0.0
+    assert asked[:2] == [(800, temperature), (1600, temperature)]
+    result = json.loads((tmp_path / "out" / "rl_gain_base.json").read_text())
+    assert result["chosen"]["bc_steps"] == chosen

@@ -105,8 +105,8 @@ class RunnerConfig:
     max_epochs: int = 2
     """Training iterations (collect one rollout batch, then update), as in RLinf."""
     save_interval: int = 10
-    """Save a checkpoint every this many iterations and at the end (-1: only at the end); a
-    rerun resumes from the latest."""
+    """Save a checkpoint every this many iterations and at the end, also the end of a run
+    stopped by Ctrl-C or SIGTERM (-1: only at the end); a rerun resumes from the latest."""
     val_check_interval: int = -1
     """Evaluate env.eval every this many policy versions (in the background, beside training)
     and the final policy; -1: only the final policy, and only when env.eval.video_cfg.save_video."""
