@@ -180,23 +180,28 @@ class Launch:
         with signals_ignored():
             self._stop(grace_s)
 
+    def stop_learner(self, grace_s: float = 15.0) -> None:
+        """SIGTERM to the learner alone, SIGKILL after `grace_s` (the other services go on)."""
+        self._stop_group([c for c in self.children if c.name == "learner"], grace_s)
+
+    def _stop_group(self, group: list[Child], grace_s: float) -> None:
+        for child in group:
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in group:
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+
     def _stop(self, grace_s: float) -> None:
         # The learner alone first, while the buffer it reads and the replicas it pushes to are
         # still up: it ends its phase and checkpoints the last iteration it trained. Stopped
         # together, it waited on a Redis that was gone until the grace ran out and was killed.
-        learners = [c for c in self.children if c.name == "learner"]
-        others = [c for c in reversed(self.children) if c.name != "learner"]
-        for group in (learners, others):
-            for child in group:
-                if child.proc.poll() is None:
-                    child.proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + grace_s
-            for child in group:
-                try:
-                    child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    child.proc.kill()
-                    child.proc.wait()
+        self._stop_group([c for c in self.children if c.name == "learner"], grace_s)
+        self._stop_group([c for c in reversed(self.children) if c.name != "learner"], grace_s)
         if self.memory_server is not None:
             self.memory_server.shutdown()
 
@@ -861,6 +866,7 @@ def _train(cfg: TrainConfig, launch: Launch, num_gpus: int, check: subprocess.Po
         )
     except ValueError as e:
         raise ConfigError("runner.resume_dir", str(e)) from None
+    supervisor: Supervisor | None = None
     try:
         model_path = prepare_model(cfg, run_dir)
         finish_task_check(check)  # before the buffer or any service starts
@@ -909,21 +915,9 @@ def _train(cfg: TrainConfig, launch: Launch, num_gpus: int, check: subprocess.Po
             learner = next(c for c in launch.children if c.name == "learner")
         if code == 0 and evaluations is not None:
             evaluations.finish()
-        summary = run_summary(cfg, env_children(launch), launch.child_env)
-        summary["restarts"] = dict(supervisor.restarts)
-        summary["lost_envs"] = supervisor.lost_envs
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_summary(cfg, launch, supervisor)
         if code == 0:
-            from vla_rl.report import plot_learning_curve
-
-            train = cfg.env.train
-            curve = plot_learning_curve(
-                run_dir,
-                train.total_num_envs * train.max_steps_per_rollout_epoch,
-                title=f"{cfg.runner.logger.experiment_name}: {cfg.algorithm.adv_type.upper()} "
-                f"on {', '.join(train.task_ids)}",
-            )
-            print(f"learning curve: {curve}", flush=True)
+            print(f"learning curve: {write_curve(cfg)}", flush=True)
             print(f"done: TensorBoard logs in {run_dir / 'tensorboard'}, "
                   f"checkpoints in {cfg.actor.checkpoint_dir}", flush=True)  # fmt: skip
         else:
@@ -933,9 +927,48 @@ def _train(cfg: TrainConfig, launch: Launch, num_gpus: int, check: subprocess.Po
         return code if code >= 0 else 128 - code
     except KeyboardInterrupt:
         print("\ninterrupted: stopping every service", flush=True)
+        if supervisor is not None:
+            # A run stopped by hand is a run too: the learner first (it saves its last
+            # iteration), then the summary and the curve while the env servers still answer.
+            with signals_ignored():
+                launch.stop_learner()
+                _report_interrupted(cfg, launch, supervisor)
         return 130
     finally:
         launch.stop()
+
+
+def write_summary(cfg: TrainConfig, launch: Launch, supervisor: Supervisor) -> None:
+    """summary.json in the run directory: run_summary plus the supervisor's restarts."""
+    summary = run_summary(cfg, env_children(launch), launch.child_env)
+    summary["restarts"] = dict(supervisor.restarts)
+    summary["lost_envs"] = supervisor.lost_envs
+    (launch.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def write_curve(cfg: TrainConfig) -> Path:
+    """The learning curve PNG from the run's TensorBoard scalars."""
+    from vla_rl.report import plot_learning_curve
+
+    train = cfg.env.train
+    return plot_learning_curve(
+        Path(cfg.run_dir),
+        train.total_num_envs * train.max_steps_per_rollout_epoch,
+        title=f"{cfg.runner.logger.experiment_name}: {cfg.algorithm.adv_type.upper()} "
+        f"on {', '.join(train.task_ids)}",
+    )
+
+
+def _report_interrupted(cfg: TrainConfig, launch: Launch, supervisor: Supervisor) -> None:
+    """Summary and curve of a stopped run; a failure here is reported, never raised (the
+    services must still be stopped)."""
+    try:
+        write_summary(cfg, launch, supervisor)
+        print(f"learning curve: {write_curve(cfg)}", flush=True)
+        print(f"stopped: checkpoints in {cfg.actor.checkpoint_dir}; a rerun resumes from the "
+              "latest", flush=True)  # fmt: skip
+    except Exception as e:  # noqa: BLE001 (any failure: the stop goes on)
+        print(f"vla-rl train: no summary for the stopped run: {e}", file=sys.stderr, flush=True)
 
 
 def run_evaluation(

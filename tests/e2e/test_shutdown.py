@@ -5,6 +5,7 @@ Real processes: the launcher, a redis-server, a rollout server, an env server an
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -203,6 +204,10 @@ def test_a_rerun_after_a_stop_without_checkpoint_finishes(tmp_path):
     (saved,) = checkpoints.glob("global_step_*")  # the end of a stopped run is an end too
     last = int(saved.name.removeprefix("global_step_"))
     assert last in (1, 2) and f"stopped at iteration {last}: saved" in out, out[-3000:]
+    # ... and reports like a finished run: the summary and the learning curve.
+    assert (tmp_path / "run" / "learning_curve.png").stat().st_size > 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["env"] and summary["env"][0]["episodes"] > 0
     shutil.rmtree(checkpoints)
     rerun = _start(tmp_path, *overrides)
     out, _ = rerun.communicate(timeout=600)
