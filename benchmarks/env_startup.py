@@ -14,7 +14,7 @@ the steady env steps/s of all envs together; the build's ratio to the baseline's
 building parallelises (ratio ~ envs / cores) or serialises (ratio ~ envs).
 
     python benchmarks/env_startup.py --layouts 1x1 1x2 2x2 --out benchmarks/results/env_startup/cpu_2cores.json
-    python3 benchmarks/env_startup.py --layouts 1x1 1x8 8x8 16x2   # a lent GPU (renders there)
+    python3 benchmarks/env_startup.py --layouts 1x1 1x8 4x8 8x8 --steps 20   # a lent GPU (renders there)
 """
 
 from __future__ import annotations
@@ -68,14 +68,14 @@ def measure(pools: int, envs: int, args: argparse.Namespace) -> dict:
             t1 = time.perf_counter()
             list(ex.map(lambda pool: pool.reset(), built))
             reset_s = time.perf_counter() - t1
-            rng = np.random.default_rng(0)
 
-            def run(pool: EnvPool) -> None:
+            def run(pool: EnvPool, seed: int) -> None:
+                rng = np.random.default_rng(seed)  # one per thread: a Generator is not thread-safe
                 for _ in range(args.steps):
                     pool.step(rng.uniform(-1, 1, (pool.num_envs, pool.action_dim)))
 
             t2 = time.perf_counter()
-            list(ex.map(run, built))
+            list(ex.map(run, built, range(pools)))
             step_s = time.perf_counter() - t2
         finally:
             for pool in built:

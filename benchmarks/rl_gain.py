@@ -121,10 +121,9 @@ def phase_base(args: argparse.Namespace) -> None:
         if run_cli(*cmd, log=work / f"bc_{steps}.log") != 0:
             raise SystemExit("bc failed")
         previous, done = ckpt, steps
-        sampled = args.select_by == "sampled"
         table = eval_table(
             args, str(ckpt), work / f"select_{steps}", None, "train", args.select_episodes,
-            args.temperature if sampled else 0.0,
+            args.temperature if args.select_by == "sampled" else 0.0,
         )  # fmt: skip
         candidates.append(
             {"bc_steps": steps, "checkpoint": str(ckpt), "train": train_success(table),

@@ -200,7 +200,7 @@ class Launch:
         # The learner alone first, while the buffer it reads and the replicas it pushes to are
         # still up: it ends its phase and checkpoints the last iteration it trained. Stopped
         # together, it waited on a Redis that was gone until the grace ran out and was killed.
-        self._stop_group([c for c in self.children if c.name == "learner"], grace_s)
+        self.stop_learner(grace_s)
         self._stop_group([c for c in reversed(self.children) if c.name != "learner"], grace_s)
         if self.memory_server is not None:
             self.memory_server.shutdown()

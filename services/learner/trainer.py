@@ -291,13 +291,10 @@ class Learner:
         save = self.iteration % self.loop.save_interval == 0 or (
             self.iteration >= self.loop.max_iterations
         )
-        optim = optimizer_state(self.policy, self.optimizer) if save else None  # collective
-        if save:  # on every rank: save_last's collectives must run on all ranks or none
-            self.saved_iteration = self.iteration
+        if save:
+            self.commit_checkpoint(blob)
         if not self.main:
             return metrics
-        if save:
-            self.save_checkpoint(blob, optim)
         t3 = time.monotonic()
         self.phase = "publishing"
         self.finish_publish()  # the previous version's first: replicas get versions in order
@@ -364,18 +361,24 @@ class Learner:
                 self._publisher = None
         self.phase = "done"
 
+    def commit_checkpoint(self, blob: bytes) -> Path | None:
+        """Checkpoint this iteration with its adapter `blob` (every rank calls it: the optimizer
+        state is gathered collectively; rank 0 writes it and gets the path). Every rank records
+        the iteration, so save_last's collectives run on all ranks or on none."""
+        optim = optimizer_state(self.policy, self.optimizer)  # collective
+        self.saved_iteration = self.iteration
+        return self.save_checkpoint(blob, optim) if self.main else None
+
     def save_last(self) -> None:
-        """Checkpoint the last trained iteration if save_interval skipped it (all ranks call it;
-        the collectives run on each). A run stopped at iteration 35 with save_interval 10 keeps
-        the policy of iteration 35, not that of 30."""
+        """Checkpoint the last trained iteration if save_interval skipped it (all ranks). A run
+        stopped at iteration 35 with save_interval 10 keeps the policy of iteration 35, not that
+        of 30."""
         if self.iteration == self.saved_iteration or self.loop.checkpoint_dir is None:
             return
         self.phase = "checkpointing"
         blob = serialize_adapter_distributed(self.policy, self.policy_version)  # collective
-        optim = optimizer_state(self.policy, self.optimizer)  # collective
-        self.saved_iteration = self.iteration
-        if self.main:
-            path = self.save_checkpoint(blob, optim)
+        path = self.commit_checkpoint(blob)
+        if path is not None:
             log.info("stopped at iteration %d: saved %s", self.iteration, path)
 
     def _run(self, stop: Callable[[], bool], print_line) -> None:
